@@ -1,0 +1,36 @@
+# The README's two commands are `make reports` (the main job) and `make test` (all tests).
+# Both install everything first, into .venv, from PyPI with the pins in constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= cpu
+STAMP := $(VENV)/.so8lab-installed
+
+.PHONY: install reports test export lab clean-reports benchmark
+
+install: $(STAMP)
+
+# torch and triton are installed first with their exact pins: torch==2.13.0 resolves to the local CPU wheel,
+# while any looser requirement would pull several GB of CUDA packages.
+$(STAMP): setup.py settings.ini constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.7.1
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+export: install
+	$(BIN)/nbdev_export
+
+reports: install
+	$(BIN)/python -m so8lab.reports --preset $(PRESET) --out reports
+
+test: install
+	$(BIN)/nbdev_test --n_workers 2 --do_print --timing
+	$(BIN)/python -m pytest -n 2 tests
+
+benchmark: install
+	$(BIN)/python benchmarks/bench_tasks.py
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=nbs --ip=127.0.0.1
