@@ -245,7 +245,7 @@ def verdict(comparisons:Comparison|Sequence[Comparison], # one comparison, or on
     if len(directions) != len(family): raise ValueError(f"higher_is_better needs one value per comparison ({len(family)}), got {len(directions)}")
     short = holm([_shortfall_p(c, bool(h), float(min_effect)) for c, h in zip(family, directions)])
     better = holm([c.p_value for c in family])
-    verdicts = [_judge(c, *p, alpha, bool(h), float(min_effect)) for c, *p, h in zip(family, better, short, directions)]
+    verdicts = [_judge(c, float(b), float(p), alpha, bool(h), float(min_effect)) for c, b, p, h in zip(family, better, short, directions)]
     return verdicts[0] if single else verdicts
 
 # %% ../nbs/08_stats.ipynb #d71e489d
