@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SPLITS', 'EVAL_SPLITS', 'DATA_DIR', 'stream_key', 'random_bits', 'uniform_int', 'split_compositions', 'GridConfig',
-           'base_grids', 'sample_parameters', 'TaskBatch', 'sample_tasks', 'GroupedBatchSampler', 'sample_hashes',
-           'content_hash', 'save_task_set', 'read_task_set', 'load_task_set', 'write_manifest']
+           'base_grids', 'sample_parameters', 'TaskBatch', 'sample_tasks', 'GroupedBatchSampler', 'PoolSampler',
+           'sample_hashes', 'content_hash', 'save_task_set', 'read_task_set', 'load_task_set', 'write_manifest']
 
 # %% ../nbs/01_tasks.ipynb #e33fb92a
 import hashlib, json, os, tempfile, warnings
@@ -242,6 +242,40 @@ class GroupedBatchSampler:
         while True: yield self[index]; index += 1
 
 # %% ../nbs/01_tasks.ipynb #956162f2
+class PoolSampler:
+    "Composition-grouped batches drawn from a fixed pool of samples."
+    def __init__(self,
+                 pool:TaskBatch,       # the training pool (e.g. `sample_tasks(50_000, "train", seed)`)
+                 seed:int=0,           # stream seed of the batch draws
+                 groups:int=2,         # distinct compositions per batch (>= 2)
+                 group_size:int=64):   # samples per composition
+        if not isinstance(group_size, int) or group_size < 1: raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        ids, counts = pool.composition.unique(return_counts=True)
+        eligible = counts >= group_size
+        if not isinstance(groups, int) or not 2 <= groups <= int(eligible.sum()):
+            raise ValueError(f"groups must be an integer in 2..{int(eligible.sum())} (compositions with >= {group_size} samples in the pool), got {groups!r}")
+        self.pool, self.seed, self.groups, self.group_size = pool, seed, groups, group_size
+        self.order = pool.composition.argsort(stable=True)
+        self.offsets = torch.cumsum(counts, 0) - counts
+        self.counts, self.eligible = counts, eligible.nonzero().flatten()
+
+    @property
+    def batch_size(self)->int: return self.groups * self.group_size
+
+    def __getitem__(self, index:int)->TaskBatch:
+        "Batch number `index`."
+        key = stream_key("pool-batches", self.seed)
+        bits = random_bits(key, torch.tensor([index]), len(self.eligible) + self.batch_size)[0]
+        chosen = self.eligible[bits[:len(self.eligible)].argsort()[:self.groups]].sort().values
+        members = uniform_int(bits[len(self.eligible):].view(self.groups, self.group_size), self.counts[chosen, None])
+        picks = self.order[(self.offsets[chosen, None] + members).flatten()]
+        return self.pool[picks.to(self.pool.inputs.device)]
+
+    def __iter__(self):
+        index = 0
+        while True: yield self[index]; index += 1
+
+# %% ../nbs/01_tasks.ipynb #2e33bb1b
 def sample_hashes(batch:TaskBatch, inputs_only:bool=False)->set:
     "Set of BLAKE2b hashes of each sample's input grid and program tokens (or of the input grid alone)."
     grids = batch.inputs.cpu().flatten(1).numpy()
@@ -249,7 +283,7 @@ def sample_hashes(batch:TaskBatch, inputs_only:bool=False)->set:
     return {hashlib.blake2b(g.tobytes() + (b"" if inputs_only else t.tobytes()), digest_size=12).digest()
             for g, t in zip(grids, tokens)}
 
-# %% ../nbs/01_tasks.ipynb #2e33bb1b
+# %% ../nbs/01_tasks.ipynb #3cd61140
 EVAL_SPLITS = ("val", "heldout", "heldout_any")
 _REPOSITORY = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
 DATA_DIR = Path(os.environ.get("SO8LAB_DATA", _REPOSITORY / "data"))  # override with $SO8LAB_DATA
@@ -285,7 +319,7 @@ def read_task_set(path)->TaskBatch:
     if content_hash(batch) != stored: raise ValueError(f"{path}: contents do not match the stored hash")
     return batch
 
-# %% ../nbs/01_tasks.ipynb #3cd61140
+# %% ../nbs/01_tasks.ipynb #fab9779a
 def _manifest(root:Path)->dict:
     "The committed content hashes, keyed by set name (empty when there is no manifest)."
     path = Path(root) / "manifest.json"
