@@ -25,9 +25,10 @@ export: install
 reports: install
 	$(BIN)/python -m so8lab.reports --preset $(PRESET) --out reports
 
+# One BLAS/OpenMP thread per process: two test processes share the two cores without oversubscription.
 test: install
-	$(BIN)/nbdev_test --n_workers 2 --do_print --timing
-	$(BIN)/python -m pytest -n 2 tests
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/nbdev_test --n_workers 2 --do_print --timing
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n 2 tests
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_tasks.py

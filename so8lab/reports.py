@@ -61,7 +61,9 @@ def write_results(output_dir,                # directory of the report
     return path
 
 # %% ../nbs/13_reports.ipynb #d095b41c
-REPORTS = {"00_data": "nbs/experiments/00_data.ipynb"}
+REPORTS = {"00_data": "nbs/experiments/00_data.ipynb",
+           "H1_compositional": "nbs/experiments/H1_compositional.ipynb",
+           "H3_training_time": "nbs/experiments/H3_training_time.ipynb"}
 PRESETS = ("smoke", "cpu", "plan")
 
 def report_parameters(name:str)->dict:
@@ -80,9 +82,12 @@ def run_report(name:str,                 # a key of REPORTS
     import papermill
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     parameters = {"preset": preset, **(parameters or {})}
-    unknown = set(parameters) - set(report_parameters(name)) - {"output_dir"}
+    declared = report_parameters(name)
+    unknown = set(parameters) - set(declared) - {"output_dir"}
     if unknown: raise ValueError(f"parameters {sorted(unknown)} are not declared by {REPORTS[name]}'s parameters cell")
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    if "results_dir" in declared and "results_dir" not in parameters:   # reports of one preset share their runs
+        parameters["results_dir"] = str(out / "runs" / preset)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         papermill.execute_notebook(str(REPOSITORY / REPORTS[name]), str(work / f"{name}.ipynb"), cwd=str(work),
