@@ -144,9 +144,11 @@ class TaskBatch:
         return mine.keys() == theirs.keys() and all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in mine.items())
 
 # %% ../nbs/01_tasks.ipynb #ece99a29
-def _check_sampling(n, split, num_colors, max_attempts):
+def _check_sampling(n, split, seed, start, max_attempts):
     "Clear errors for bad arguments of `sample_tasks`."
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ValueError(f"n must be a positive integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**32 - n: raise ValueError(f"start must be an integer in 0..2**32-n, got {start!r}")
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not isinstance(max_attempts, int) or max_attempts < 1: raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
 
@@ -173,7 +175,7 @@ def sample_tasks(n:int,                        # number of samples
                  stream:str="tasks",           # purpose tag of the stream (keeps e.g. grouped batches separate)
                 )->TaskBatch:
     "Draw `n` tasks of `split` as one batch, reproducibly from (`stream`, `split`, `seed`, sample index)."
-    _check_sampling(n, split, config.num_colors, max_attempts)
+    _check_sampling(n, split, seed, start, max_attempts)
     key = stream_key(stream, split, seed)
     sample = torch.arange(start, start + n, device=device)
     table = split_compositions(split).to(device)
