@@ -31,7 +31,8 @@ def check_grid(grid:torch.Tensor,                # candidate grid(s), shape [...
         raise TypeError(f"{name} must have an integer dtype (uint8 recommended), got {grid.dtype}")
     if grid.ndim < 2 or tuple(grid.shape[-2:]) != (GRID_SIZE, GRID_SIZE):
         raise ValueError(f"{name} must have shape [..., {GRID_SIZE}, {GRID_SIZE}], got {tuple(grid.shape)}")
-    if not 1 < num_colors <= MAX_COLORS: raise ValueError(f"num_colors must be in 2..{MAX_COLORS}, got {num_colors}")
+    if isinstance(num_colors, bool) or not isinstance(num_colors, int) or not 1 < num_colors <= MAX_COLORS:
+        raise ValueError(f"num_colors must be an integer in 2..{MAX_COLORS}, got {num_colors!r}")
     if grid.numel() and (int(grid.min()) < 0 or int(grid.max()) >= num_colors):
         raise ValueError(f"{name} has colours outside 0..{num_colors-1} (min {int(grid.min())}, max {int(grid.max())})")
     return grid
@@ -114,7 +115,7 @@ def apply_steps(grids:torch.Tensor,     # [B, 8, 8] integer grids
     "Apply one primitive per grid with per-sample parameters (no validation; see `apply_primitive`)."
     batch, device = grids.shape[0], grids.device
     geometry = _GEOMETRY.to(device)[_geometry_row(primitive, p1, p2)]
-    flat = torch.cat([grids.reshape(batch, -1), grids.new_zeros(batch, 1)], 1)
+    flat = torch.cat([grids.reshape(batch, GRID_SIZE * GRID_SIZE), grids.new_zeros(batch, 1)], 1)
     out = flat.gather(1, geometry).view_as(grids)
     swap = (primitive == COLOR_SWAP).view(-1, 1, 1)
     source, target = p1.to(out.dtype).view(-1, 1, 1), p2.to(out.dtype).view(-1, 1, 1)
@@ -139,7 +140,7 @@ def _check_parameters(name:str, params:dict, num_colors:int)->tuple[int, int]:
             raise ValueError(f"{name} parameter {p} must be a colour in 0..{num_colors-1}, got {value!r}")
         return value
     if name == "ROT90":
-        if isinstance(params["k"], bool) or params["k"] not in (1, 2, 3): raise ValueError(f"ROT90 parameter k must be 1, 2 or 3, got {params['k']!r}")
+        if type(params["k"]) is not int or params["k"] not in (1, 2, 3): raise ValueError(f"ROT90 parameter k must be 1, 2 or 3, got {params['k']!r}")
         return params["k"], 0
     if name == "FLIP":
         if not isinstance(params["horizontal"], bool): raise ValueError(f"FLIP parameter horizontal must be a bool, got {params['horizontal']!r}")
@@ -246,7 +247,8 @@ def composition_id(names:tuple)->int:
 
 def composition_from_id(index:int)->tuple:
     "Inverse of `composition_id`."
-    if not 0 <= index < NUM_COMPOSITIONS: raise ValueError(f"index must be in 0..{NUM_COMPOSITIONS-1}, got {index}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < NUM_COMPOSITIONS:
+        raise ValueError(f"index must be an integer in 0..{NUM_COMPOSITIONS-1}, got {index!r}")
     length = max(l for l in (1, 2, 3) if _OFFSETS[l] <= index)
     number, names = index - _OFFSETS[length], []
     for _ in range(length): number, d = divmod(number, len(PRIMITIVES)); names.append(PRIMITIVES[d])

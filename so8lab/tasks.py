@@ -67,6 +67,10 @@ class GridConfig:
     max_side:int = 3                 # rectangle sides are 1..max_side cells
 
     def __post_init__(self):
+        for name in ("num_colors", "min_objects", "max_objects", "max_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int): raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.max_objects > 64: raise ValueError(f"max_objects must be at most 64, got {self.max_objects}")
         if not 2 < self.num_colors <= MAX_COLORS: raise ValueError(f"num_colors must be in 3..{MAX_COLORS}, got {self.num_colors}")
         if not 1 <= self.min_objects <= self.max_objects: raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 1 <= self.max_side <= GRID_SIZE: raise ValueError(f"max_side must be in 1..{GRID_SIZE}, got {self.max_side}")

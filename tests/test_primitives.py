@@ -591,8 +591,8 @@ BAD_INPUTS = {
     "composition_id empty": (lambda: composition_id(()), ValueError, "names must hold 1..3"),
     "composition_id too long": (lambda: composition_id(("ROT90",) * 4), ValueError, "names must hold 1..3"),
     "composition_id unknown": (lambda: composition_id(("ROT90", "SPIN")), ValueError, "names contains an unknown primitive"),
-    "composition_from_id -1": (lambda: composition_from_id(-1), ValueError, "index must be in 0..257"),
-    "composition_from_id 258": (lambda: composition_from_id(NUM_COMPOSITIONS), ValueError, "index must be in 0..257"),
+    "composition_from_id -1": (lambda: composition_from_id(-1), ValueError, "index must be an integer in 0..257"),
+    "composition_from_id 258": (lambda: composition_from_id(NUM_COMPOSITIONS), ValueError, "index must be an integer in 0..257"),
 }
 
 
