@@ -32,6 +32,7 @@ class Preset:
     eval_every:int          # validation interval in steps
     seeds:tuple             # seeds a report runs
     methods:tuple           # methods a report runs
+    workers:int = 1         # parallel training processes a report uses for missing runs
     model:dict = field(default_factory=dict)   # ModelConfig overrides
     train:dict = field(default_factory=dict)   # TrainConfig overrides shared by all methods
 
@@ -39,11 +40,12 @@ PRESETS = {
     "smoke": Preset("smoke", 2000, 200, 200, steps=30, groups=2, group_size=24, eval_every=10, seeds=(0, 1),
                     methods=("proposed", "B0"), model=dict(d_model=64, bottleneck_dim=64, layers=2, heads=4, sae_width=128),
                     train=dict(share_k=4, warmup_steps=5, targets=(0.3, 0.5))),
-    "cpu": Preset("cpu", 20_000, 1000, 1000, steps=300, groups=2, group_size=32, eval_every=25, seeds=(0, 1, 2, 3),
-                  methods=("proposed", "B0"), model=dict(d_model=64, bottleneck_dim=64, layers=2, heads=4, sae_width=256),
-                  train=dict(share_k=8, warmup_steps=20, targets=(0.5, 0.6, 0.7))),
+    "cpu": Preset("cpu", 20_000, 1000, 1000, steps=800, groups=2, group_size=32, eval_every=50, seeds=(0, 1, 2, 3),
+                  methods=("proposed", "B0"), workers=2,
+                  model=dict(d_model=64, bottleneck_dim=64, layers=2, heads=4, sae_width=256, patch_size=2),
+                  train=dict(share_k=8, warmup_steps=40, learning_rate=2e-3, targets=(0.22, 0.26, 0.30))),
     "plan": Preset("plan", 50_000, 5000, 5000, steps=1500, groups=2, group_size=64, eval_every=50, seeds=(0, 1, 2, 3, 4),
-                   methods=("proposed", "B0", "B1", "B2", "B3", "B5", "B6-k8", "B6-k16", "B6-k32"),
+                   methods=("proposed", "B0", "B1", "B2", "B3", "B5", "B6-k8", "B6-k16", "B6-k32"), workers=8,
                    train=dict(share_k=16, warmup_steps=50, targets=(0.6, 0.7, 0.8, 0.9))),
 }
 PRESET_ALIASES = {"test": "smoke", "quick": "smoke", "default": "cpu", "laptop": "cpu", "full": "plan", "gpu": "plan"}
