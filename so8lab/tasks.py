@@ -256,12 +256,12 @@ class PoolSampler:
                  groups:int=2,         # distinct compositions per batch (>= 2)
                  group_size:int=64):   # samples per composition
         if not isinstance(group_size, int) or group_size < 1: raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        ids, counts = pool.composition.unique(return_counts=True)
+        ids, counts = pool.composition.cpu().unique(return_counts=True)   # index tables live on the CPU
         eligible = counts >= group_size
         if not isinstance(groups, int) or not 2 <= groups <= int(eligible.sum()):
             raise ValueError(f"groups must be an integer in 2..{int(eligible.sum())} (compositions with >= {group_size} samples in the pool), got {groups!r}")
         self.pool, self.seed, self.groups, self.group_size = pool, seed, groups, group_size
-        self.order = pool.composition.argsort(stable=True)
+        self.order = pool.composition.cpu().argsort(stable=True)
         self.offsets = torch.cumsum(counts, 0) - counts
         self.counts, self.eligible = counts, eligible.nonzero().flatten()
 
