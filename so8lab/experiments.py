@@ -44,9 +44,9 @@ PRESETS = {
                   methods=("proposed", "B0"), workers=2,
                   model=dict(d_model=64, bottleneck_dim=64, layers=2, heads=4, sae_width=256, patch_size=2),
                   train=dict(share_k=8, warmup_steps=40, learning_rate=2e-3, targets=(0.22, 0.26, 0.30))),
-    "plan": Preset("plan", 50_000, 5000, 5000, steps=1500, groups=2, group_size=64, eval_every=50, seeds=(0, 1, 2, 3, 4),
+    "plan": Preset("plan", 50_000, 5000, 5000, steps=1500, groups=2, group_size=64, eval_every=100, seeds=(0, 1, 2, 3, 4),
                    methods=("proposed", "B0", "B1", "B2", "B3", "B5", "B6-k8", "B6-k16", "B6-k32"), workers=8,
-                   train=dict(share_k=16, warmup_steps=50, targets=(0.6, 0.7, 0.8, 0.9))),
+                   train=dict(share_k=16, warmup_steps=100, targets=(0.3, 0.4, 0.5, 0.6))),
 }
 PRESET_ALIASES = {"test": "smoke", "quick": "smoke", "default": "cpu", "laptop": "cpu", "full": "plan", "gpu": "plan"}
 
