@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get_preset', 'Method', 'run_configs',
-           'default_device', 'record_path', 'checkpoint_directory', 'run_config', 'evaluation_sets', 'run', 'run_many',
-           'load_records', 'main', 'steps_to_target', 'metrics_frame', 'compare_methods', 'verdict_rows']
+           'default_device', 'record_path', 'checkpoint_directory', 'run_config', 'evaluation_sets', 'run',
+           'load_model', 'run_many', 'load_records', 'main', 'steps_to_target', 'metrics_frame', 'compare_methods',
+           'verdict_rows']
 
 # %% ../nbs/09_experiments.ipynb #17364bdd
 import argparse, json, os, shutil, sys, time
@@ -150,6 +151,26 @@ def run(method:str,                 # a key of METHODS
     return record
 
 # %% ../nbs/09_experiments.ipynb #37fd671d
+def load_model(method:str, seed:int, preset:str="cpu", results_dir="runs", device:str|None=None,
+               tolerance:float=1e-4)->GridModel:
+    "The best checkpoint of (`method`, `seed`) in eval mode, retraining it if only the record exists."
+    device = torch.device(device or default_device())
+    record = run(method, seed, preset, results_dir, device)
+    path = checkpoint_directory(results_dir, method, seed) / "best.pt"
+    if not path.exists():
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        stored = Path(results_dir) / "records" / f".{method}-seed{seed}.stored.json"
+        shutil.copy(record_path(results_dir, method, seed), stored)
+        retrained = run(method, seed, preset, results_dir, device, force=True)
+        shutil.move(stored, record_path(results_dir, method, seed))      # keep the original record
+        if abs(retrained["metrics"]["val"]["iou"] - record["metrics"]["val"]["iou"]) > tolerance:
+            raise RuntimeError(f"retraining {method} seed {seed} gave val IoU {retrained['metrics']['val']['iou']:.6f}, "
+                               f"the record says {record['metrics']['val']['iou']:.6f} (different device or code?)")
+    model = GridModel(ModelConfig(**record["model"])).to(device)
+    model.load_state_dict(load_checkpoint(path, device)["model"])
+    return model.eval()
+
+# %% ../nbs/09_experiments.ipynb #8797d205
 def _run_job(job:tuple)->tuple:
     "Worker entry point: one run with a share of the CPU threads."
     method, seed, preset, results_dir, device, threads = job
@@ -176,7 +197,7 @@ def load_records(results_dir, methods=None, seeds=None, preset:str|None=None)->l
     return [r for r in records if (methods is None or r["method"] in methods) and (seeds is None or r["seed"] in seeds)
             and (preset is None or r["preset"] == get_preset(preset).name)]
 
-# %% ../nbs/09_experiments.ipynb #8797d205
+# %% ../nbs/09_experiments.ipynb #f847b202
 def main(argv:list|None=None)->int:
     "The `so8lab` command line: `run` trains (method, seed) pairs, `list` shows existing records."
     parser = argparse.ArgumentParser(prog="so8lab", description="so8lab experiment runs")
@@ -209,7 +230,7 @@ def main(argv:list|None=None)->int:
 
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())
 
-# %% ../nbs/09_experiments.ipynb #f847b202
+# %% ../nbs/09_experiments.ipynb #527ecfb7
 def steps_to_target(record:dict, level:float)->tuple[float, float, bool]:
     "(steps, seconds, reached) to validation IoU `level`; unreached runs count as the full run (censored)."
     hit = record["targets"].get(str(float(level)))
