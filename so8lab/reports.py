@@ -71,7 +71,9 @@ def write_results(output_dir,                # directory of the report
 # %% ../nbs/13_reports.ipynb #d095b41c
 REPORTS = {"00_data": "nbs/experiments/00_data.ipynb",
            "H1_compositional": "nbs/experiments/H1_compositional.ipynb",
-           "H3_training_time": "nbs/experiments/H3_training_time.ipynb"}
+           "H2_few_shot": "nbs/experiments/H2_few_shot.ipynb",
+           "H3_training_time": "nbs/experiments/H3_training_time.ipynb",
+           "H4_sharing": "nbs/experiments/H4_sharing.ipynb"}
 PRESETS = ("smoke", "cpu", "plan")
 
 def report_parameters(name:str)->dict:
