@@ -10,8 +10,8 @@ cfg = config['DEFAULT']
 # Core modules import only these (they are also on the GPU image, where the project installs with --no-deps).
 requirements = cfg.get('requirements', '').split()
 # Everything else the workbench uses: notebooks, papermill reports, widgets, tests, benchmarks.
-dev_requirements = """triton nbdev execnb fastcore ghapi jupyterlab ipykernel ipywidgets plotly matplotlib
-papermill nbformat nbclient pytest pytest-xdist hypothesis tensorboard pandas""".split()
+dev_requirements = """triton nbdev execnb fastcore ghapi jupyterlab ipykernel ipywidgets anywidget plotly matplotlib
+papermill nbformat nbclient nbconvert pytest pytest-xdist hypothesis tensorboard pandas playwright psutil""".split()
 
 setuptools.setup(
     name=cfg['lib_name'],
