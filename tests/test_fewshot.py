@@ -1,0 +1,355 @@
+"""Tests for so8lab.fewshot: disjoint adaptation sets (brute-force comparison, not the module's hashes), patience in
+steps, selection on validation only, the caller's model and RNG untouched, frozen modules (BatchNorm included) in
+eval mode, record reuse without base checkpoints, parallel = sequential, and the command line. Hypothesis settings
+come from conftest.py."""
+import copy, json, os, shutil, subprocess, sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from so8lab.adapters import ADAPTER_KINDS, adapted_layers, detach_adapters
+from so8lab.fewshot import (ADAPTATION_METHODS, FEWSHOT_PRESETS, STREAM_STRIDE, adapt, adaptation_sets, compare_bases,
+                            fewshot_compositions, fewshot_path, fewshot_study, noninferiority, paired_values, retention)
+from so8lab.models import GridModel, ModelConfig
+from so8lab.primitives import composition_from_id
+from so8lab.tasks import sample_tasks, split_compositions
+from so8lab.training import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelConfig(d_model=32, bottleneck_dim=16, layers=2, heads=4, sae_width=24, mlp_ratio=2.0)
+COMPOSITION = fewshot_compositions(1)[0]
+
+
+def tiny_model(seed=0, config=TINY):
+    torch.manual_seed(seed)
+    return GridModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return adaptation_sets(COMPOSITION, seed=0, support_size=20, validation_size=40, query_size=48)
+
+
+def shared(a, b):
+    "Brute force: number of sample pairs with identical input grid and program tokens."
+    same = (a.inputs[:, None] == b.inputs[None]).flatten(2).all(2) & (a.tokens[:, None] == b.tokens[None]).all(2)
+    return int(same.sum())
+
+
+# ---------------------------------------------------------------- adaptation data
+
+@settings(max_examples=12)
+@given(index=st.integers(0, 119), seed=st.integers(0, 1000))
+def test_sets_are_disjoint_single_composition_and_nested(index, seed):
+    composition = fewshot_compositions(120)[index]
+    drawn = adaptation_sets(composition, seed, 20, 30, 30)
+    for first, second in (("support", "validation"), ("support", "query"), ("validation", "query")):
+        assert shared(drawn[first], drawn[second]) == 0
+    for batch in drawn.values():
+        assert batch.composition.unique().tolist() == [composition]
+        assert len(set(composition_from_id(composition))) == 3                      # an unseen multi-hot set
+        assert shared(batch, batch) == len(batch)                                  # only the diagonal: no repeats
+        assert batch.demo_inputs is not None
+    smaller = adaptation_sets(composition, seed, 5, 30, 30)["support"]
+    assert smaller.equal(drawn["support"][:5])
+
+
+def test_compositions_are_heldout_and_distinct_from_training():
+    training = {tuple(r) for r in split_compositions("train").tolist()}
+    for composition in fewshot_compositions(120):
+        assert composition_from_id(composition) not in training
+    assert len(set(fewshot_compositions(120))) == 120
+
+
+def test_compositions_read_separate_streams():
+    a, b = (adaptation_sets(c, 0, 10, 10, 10)["support"] for c in fewshot_compositions(2))
+    assert int(a.sample_index[0]) == fewshot_compositions(2)[0] * STREAM_STRIDE
+    assert not torch.equal(a.inputs, b.inputs)
+
+
+# ---------------------------------------------------------------- adapt: the caller's model and modes
+
+@pytest.mark.parametrize("method", ADAPTATION_METHODS)
+def test_caller_model_rng_and_flags_untouched(method, sets):
+    base = tiny_model()
+    base.train()
+    base.primitive_head.weight.requires_grad_(False)                  # an unusual caller state that must survive
+    before = copy.deepcopy(base.state_dict())
+    rng = torch.get_rng_state()
+    result = adapt(base, method, sets["support"], sets["validation"], sets["query"], max_steps=10, patience=10, eval_every=5,
+                   learning_rate=1e-2 if method != "full" else 1e-3)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in base.modules())
+    assert not base.primitive_head.weight.requires_grad and base.bottleneck_in.weight.requires_grad
+    assert adapted_layers(base) == {}
+    assert result.model is not base and not result.model.training
+
+
+@pytest.mark.parametrize("method", ADAPTER_KINDS)
+def test_only_adapter_parameters_change(method, sets):
+    base = tiny_model()
+    result = adapt(base, method, sets["support"], sets["validation"], max_steps=20, patience=20, eval_every=5)
+    assert result.best_step > 0                                       # the selected state is an adapted one
+    adapter_tensors = [p for w in adapted_layers(result.model).values() for p in w.adapter_parameters()]
+    assert any(float(p.detach().abs().sum()) > 0 for p in adapter_tensors)
+    restored = detach_adapters(copy.deepcopy(result.model)).state_dict()
+    assert restored.keys() == base.state_dict().keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in restored.items())
+
+
+class BatchNormGridModel(GridModel):
+    "A GridModel with a BatchNorm on its logits: the layer whose statistics the reference implementation let drift."
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm = nn.BatchNorm2d(config.num_colors)
+
+    def forward_batch(self, batch, **kwargs):
+        output = super().forward_batch(batch, **kwargs)
+        output.logits = self.norm(output.logits)
+        return output
+
+
+@pytest.mark.parametrize("method", ADAPTATION_METHODS)
+def test_batchnorm_statistics_do_not_move(method, sets):
+    torch.manual_seed(0)
+    base = BatchNormGridModel(replace(TINY, dropout=0.3))
+    base.train()
+    base.forward_batch(sets["query"])                                # give the running statistics non-default values
+    base.eval()
+    statistics = {k: v.clone() for k, v in base.norm.state_dict().items() if "running" in k or "batches" in k}
+    result = adapt(base, method, sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5)
+    norm = result.model.norm
+    for name, value in statistics.items(): assert torch.equal(norm.state_dict()[name], value), name
+
+
+def test_every_base_module_runs_in_eval_mode(sets):
+    base = tiny_model()
+    modes = []
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: modes.append((name, module.training)))
+               for name, m in base.named_modules()]
+    base.train()
+    for method in ADAPTATION_METHODS:
+        adapt(base, method, sets["support"][:5], sets["validation"], max_steps=4, patience=4, eval_every=2)
+    for h in handles: h.remove()
+    assert modes and not [name for name, training in modes if training]
+
+
+def test_dropout_is_off_during_adaptation(sets):
+    "With dropout 0.5 active, the loss of a step would depend on the noise; in eval mode one step equals a no-noise step."
+    torch.manual_seed(0)
+    noisy = GridModel(replace(TINY, dropout=0.5)).eval()
+    quiet = GridModel(TINY).eval()
+    quiet.load_state_dict(noisy.state_dict())
+    a = adapt(noisy, "full", sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5, seed=1)
+    b = adapt(quiet, "full", sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5, seed=2)
+    assert a.curve == b.curve
+
+
+# ---------------------------------------------------------------- patience, selection, targets
+
+@settings(max_examples=15)
+@given(eval_every=st.integers(1, 6), multiple=st.integers(1, 4))
+def test_flat_curve_stops_exactly_patience_steps_after_best(eval_every, multiple, sets):
+    patience = eval_every * multiple
+    flat = adapt(tiny_model(), "lora", sets["support"][:5], sets["validation"], max_steps=200, learning_rate=1e-12,
+                 patience=patience, eval_every=eval_every)
+    assert (flat.best_step, flat.stopped_step) == (0, patience)
+    assert [s for s, _ in flat.curve] == list(range(0, patience + 1, eval_every))
+    assert len({iou for _, iou in flat.curve}) == 1
+
+
+@settings(max_examples=10)
+@given(eval_every=st.integers(2, 7), patience=st.integers(1, 15))
+def test_patience_counts_steps_even_between_evaluations(eval_every, patience, sets):
+    flat = adapt(tiny_model(), "lora", sets["support"][:5], sets["validation"], max_steps=200, learning_rate=1e-12,
+                 patience=patience, eval_every=eval_every)
+    assert flat.stopped_step == patience
+    assert all(s % eval_every == 0 and s <= patience for s, _ in flat.curve)
+
+
+def test_stopping_counts_from_the_latest_best(sets):
+    result = adapt(tiny_model(), "lora", sets["support"], sets["validation"], max_steps=300, patience=10, eval_every=5)
+    steps = [s for s, _ in result.curve]
+    assert result.stopped_step == min(300, result.best_step + 10)
+    assert result.best_step == min(s for s, iou in result.curve if iou == max(i for _, i in result.curve))  # strict improvement
+    later = [iou for s, iou in result.curve if s > result.best_step]
+    assert all(iou <= result.best_validation_iou for iou in later) and steps[-1] == result.stopped_step
+
+
+def deceptive(model, batch):
+    "`batch` with `model`'s own predictions as targets (IoU 1 for that model)."
+    with torch.no_grad(): predicted = model.forward_batch(batch).logits.argmax(1).to(batch.outputs.dtype)
+    return replace(batch, outputs=predicted)
+
+
+def test_selection_follows_validation_not_query(sets):
+    base = tiny_model()
+    honest = adapt(base, "lora", sets["support"], sets["validation"], deceptive(base, sets["query"]), max_steps=30, patience=30, eval_every=5)
+    assert honest.best_step > 0 and honest.query["iou"] < 1.0        # a query-peeking selector would have kept step 0
+    fooled = adapt(base, "lora", sets["support"], deceptive(base, sets["validation"]), sets["query"], max_steps=30, patience=30, eval_every=5)
+    assert fooled.best_step == 0 and fooled.curve[0][1] == 1.0
+    assert fooled.query == evaluate(base, sets["query"])
+    assert evaluate(honest.model, sets["validation"])["iou"] == pytest.approx(honest.best_validation_iou, abs=1e-6)
+
+
+def test_steps_to_gain_from_the_curve(sets):
+    result = adapt(tiny_model(), "full", sets["support"], sets["validation"], max_steps=40, patience=40, eval_every=5,
+                   learning_rate=1e-3, gains=(0.0, 0.005, 0.02, 0.99))
+    start = result.curve[0][1]
+    for gain, step in result.steps_to_gain.items():
+        reached = [s for s, iou in result.curve if iou >= start + gain]
+        assert step == (reached[0] if reached else None)
+    assert result.steps_to_gain[0.0] == 0 and result.steps_to_gain[0.99] is None
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="adalora"), "method must be one of"),
+    (dict(max_steps=0), "max_steps must be a positive integer"),
+    (dict(patience=-5), "patience must be a positive integer"),
+    (dict(eval_every=1.5), "eval_every must be a positive integer"),
+    (dict(learning_rate=-1e-3), "learning_rate must be a positive number"),
+    (dict(gains=(1.5,)), "gains must be numbers"),
+    (dict(adapter_options={"r": 0}), "r must be a positive integer"),
+])
+def test_bad_arguments_are_named(kwargs, message, sets):
+    arguments = {**dict(model=tiny_model(), method="lora", support=sets["support"], validation=sets["validation"]), **kwargs}
+    with pytest.raises(ValueError, match=message): adapt(**arguments)
+
+
+def test_bad_sets_are_named(sets):
+    base = tiny_model()
+    mixed = sample_tasks(6, "heldout", 0, composition=torch.tensor(fewshot_compositions(2) * 3))
+    with pytest.raises(ValueError, match="support must hold one composition"): adapt(base, "lora", mixed, sets["validation"])
+    other = adaptation_sets(fewshot_compositions(2)[1], 0, 5, 5, 5)
+    with pytest.raises(ValueError, match="validation holds composition"): adapt(base, "lora", sets["support"], other["validation"])
+    with pytest.raises(ValueError, match="validation shares 2 sample"): adapt(base, "lora", sets["support"], sets["support"][:2])
+    with pytest.raises(ValueError, match="support must be a non-empty"): adapt(base, "lora", sets["support"][:0], sets["validation"])
+    with pytest.raises(TypeError, match="model must be an nn.Module"): adapt(nn.Linear(2, 2), "lora", sets["support"], sets["validation"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shots=(5, 0)), "shots must be positive integers"),
+    (dict(shots=(-1,)), "shots must be positive integers"),
+    (dict(compositions=0), "compositions must be a positive integer"),
+    (dict(adaptation_methods=("lora", "prefix")), "adaptation_methods"),
+    (dict(base_methods=("B4",)), "base_methods"),
+])
+def test_bad_study_settings_are_named(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message): fewshot_study(seeds=[0], preset="smoke", results_dir=tmp_path, device="cpu", **kwargs)
+    assert not (tmp_path / "fewshot").exists()
+
+
+def test_bad_composition_and_sizes_are_named():
+    with pytest.raises(ValueError, match="composition must be a held-out"): adaptation_sets(3)          # a training composition
+    with pytest.raises(ValueError, match="query_size must be a positive"): adaptation_sets(COMPOSITION, query_size=0)
+    with pytest.raises(ValueError, match="n must be an integer"): fewshot_compositions(121)
+
+
+# ---------------------------------------------------------------- statistics helpers
+
+@settings(max_examples=30)
+@given(values=st.lists(st.floats(0, 1), min_size=3, max_size=12), shift=st.floats(-0.1, 0.1), seed=st.integers(0, 100))
+def test_noninferiority_matches_scipy_and_never_supports_more_parameters(values, shift, seed):
+    baseline = np.array(values)
+    treatment = baseline + shift + np.random.default_rng(seed).normal(0, 0.01, len(values))
+    row = noninferiority(treatment, baseline, 0.01, 0.05, 2000, 1000)
+    assert row["verdict"] == "not supported"
+    cheaper = noninferiority(treatment, baseline, 0.01, 0.05, 500, 1000)
+    reference = scipy.stats.ttest_1samp(treatment - baseline + 0.01, 0.0, alternative="greater").pvalue
+    assert cheaper["p_noninferior"] == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    expected = "supported" if reference < 0.05 else ("not supported" if 1 - reference < 0.05 else "inconclusive")
+    assert cheaper["verdict"] == expected
+
+
+@settings(max_examples=30)
+@given(values=st.lists(st.floats(0, 1), min_size=3, max_size=12), gain=st.floats(-0.02, 0.05), kept=st.floats(-0.5, 1.5),
+       fraction=st.floats(0, 1), seed=st.integers(0, 100))
+def test_retention_matches_scipy(values, gain, kept, fraction, seed):
+    rng = np.random.default_rng(seed)
+    untreated = np.array(values)
+    reference = untreated + gain + rng.normal(0, 0.005, len(values))
+    treatment = untreated + kept * gain + rng.normal(0, 0.005, len(values))
+    row = retention(treatment, reference, untreated, fraction, 0.05, 464, 1024)
+    difference = (treatment - untreated) - fraction * (reference - untreated)
+    p_kept = scipy.stats.ttest_1samp(difference, 0.0, alternative="greater").pvalue
+    p_short = scipy.stats.ttest_1samp(difference, 0.0, alternative="less").pvalue
+    p_gain = scipy.stats.ttest_1samp(reference - untreated, 0.0, alternative="greater").pvalue
+    assert row["p_retained"] == pytest.approx(p_kept, rel=1e-7, abs=1e-12)
+    expected = "not supported" if p_short < 0.05 else ("supported" if p_kept < 0.05 and p_gain < 0.05 else "inconclusive")
+    assert row["verdict"] == expected
+    assert retention(treatment, reference, untreated, fraction, 0.05, 1024, 1024)["verdict"] == "not supported"
+
+
+def test_paired_values_and_compare_bases_by_hand():
+    import pandas as pd
+    frame = pd.DataFrame({"base_method": ["proposed", "B0"] * 4, "seed": [0, 0, 0, 0, 1, 1, 1, 1], "composition": [5] * 8,
+                          "shots": [5, 5, 20, 20] * 2, "adaptation_method": ["lora"] * 8,
+                          "query_iou": [0.3, 0.1, 0.5, 0.2, 0.4, 0.3, 0.6, 0.2]})
+    treated, baseline = paired_values(frame, "query_iou", "base_method", "proposed", "B0")
+    assert treated.tolist() == pytest.approx([0.4, 0.5]) and baseline.tolist() == pytest.approx([0.15, 0.25])
+    found = compare_bases(frame, "query_iou")
+    at20 = found["query_iou at 20 shots: proposed base vs B0 base (higher is better)"]
+    assert at20.p_value == pytest.approx(scipy.stats.ttest_rel([0.5, 0.6], [0.2, 0.2], alternative="greater").pvalue)
+
+
+# ---------------------------------------------------------------- the study: records, reuse, workers, CLI
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    "Smoke-preset base runs B0 seeds 0 and 1 (trained once for this module)."
+    from so8lab.experiments import run_many
+    directory = tmp_path_factory.mktemp("runs")
+    run_many(["B0"], [0, 1], "smoke", directory, "cpu")
+    return directory
+
+
+def copy_runs(source, destination):
+    for part in ("records", "checkpoints"): shutil.copytree(source / part, destination / part)
+    return destination
+
+
+def test_parallel_study_equals_sequential_and_reuses_records(smoke_runs, tmp_path):
+    sequential = fewshot_study(["B0"], [0, 1], "smoke", copy_runs(smoke_runs, tmp_path / "a"), device="cpu")
+    parallel = fewshot_study(["B0"], [0, 1], "smoke", copy_runs(smoke_runs, tmp_path / "b"), device="cpu", workers=2)
+    settings_ = FEWSHOT_PRESETS["smoke"]
+    assert len(sequential) == 2 * settings_.compositions * len(settings_.shots) * len(settings_.adaptation_methods)
+    columns = [c for c in sequential.columns if c != "wall_seconds"]
+    assert sequential[columns].equals(parallel[columns])
+    shutil.rmtree(tmp_path / "b" / "checkpoints")                       # records brought back without checkpoints
+    again = fewshot_study(["B0"], [0, 1], "smoke", tmp_path / "b", device="cpu")
+    assert again.equals(parallel) and not (tmp_path / "b" / "checkpoints").exists()
+    record = json.loads(fewshot_path(tmp_path / "b", "B0", 1).read_text())
+    assert record["seed"] == 1 and record["device_type"] == "cpu" and len(record["config_hash"]) == 16
+    assert not [p for p in (tmp_path / "b" / "fewshot").iterdir() if p.suffix != ".json"]
+
+
+def test_censored_steps_are_max_steps(smoke_runs, tmp_path):
+    frame = fewshot_study(["B0"], [0], "smoke", copy_runs(smoke_runs, tmp_path / "c"), device="cpu")
+    gain = FEWSHOT_PRESETS["smoke"].gains[0]
+    unreached = frame[~frame[f"reached_gain_{gain}"]]
+    assert (unreached[f"steps_to_gain_{gain}"] == FEWSHOT_PRESETS["smoke"].max_steps).all()
+    assert (frame.best_step <= frame.stopped_step).all() and (frame.stopped_step <= 30).all()
+
+
+def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "so8lab.fewshot", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_command_line(smoke_runs, tmp_path):
+    directory = copy_runs(smoke_runs, tmp_path / "d")
+    result = cli("--preset", "smoke", "--results-dir", str(directory), "--seeds", "0", "--base-methods", "B0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 records, 2 adaptations" in result.stdout
+    assert fewshot_path(directory, "B0", 0).exists()
+    bad = cli("--preset", "huge", "--results-dir", str(directory))
+    assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr
