@@ -160,3 +160,12 @@ def valid_parameters(name, params, num_colors):
         return (params["source_color"] in colours and params["fill_color"] in colours
                 and params["source_color"] != params["fill_color"])
     return False
+
+
+def hsic_unbiased_textbook(K, L):
+    "Unbiased HSIC_1 (Song et al. 2012, eq. 5) with explicit matrices (numpy float64)."
+    import numpy as np
+    n, one = len(K), np.ones(len(K))
+    Kt, Lt = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * one @ Kt @ Lt @ one) / (n * (n - 3))
