@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['REPOSITORY', 'REPORTS', 'PRESETS', 'git_revision', 'config_hash', 'cpu_name', 'environment', 'atomic_write_text',
-           'write_results', 'report_parameters', 'run_report', 'write_summary', 'main']
+           'write_results', 'report_directories', 'report_parameters', 'run_report', 'write_summary', 'main']
 
 # %% ../nbs/13_reports.ipynb #cf6dcb6d
 import argparse, datetime, hashlib, json, os, platform, shutil, subprocess, sys, tempfile, time
@@ -67,6 +67,17 @@ def write_results(output_dir,                # directory of the report
     path = Path(output_dir) / "results.json"
     atomic_write_text(path, json.dumps(payload, indent=1, default=float) + "\n")
     return path
+
+# %% ../nbs/13_reports.ipynb #0b9e67f9
+def report_directories(results_dir,   # run records directory ('' or None: a fresh temporary one)
+                       output_dir,    # figures and results.json ('' or None: a fresh temporary one)
+                       report:str,    # short report name used in the temporary directory's name
+                      )->tuple:       # (results Path, output Path), the output created
+    "The run-record and output directories of a report."
+    results = Path(results_dir or tempfile.mkdtemp(prefix="so8lab-runs-"))
+    output = Path(output_dir or tempfile.mkdtemp(prefix=f"so8lab-{report}-"))
+    output.mkdir(parents=True, exist_ok=True)
+    return results, output
 
 # %% ../nbs/13_reports.ipynb #d095b41c
 REPORTS = {"00_data": "nbs/experiments/00_data.ipynb",
