@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['STREAM_STRIDE', 'ADAPTATION_METHODS', 'LEARNING_RATES', 'ADAPTER_OPTIONS', 'ADAPTED_LAYERS', 'FEWSHOT_PRESETS',
            'fewshot_compositions', 'composition_name', 'adaptation_sets', 'adaptable_copy', 'Adaptation', 'adapt',
-           'FewShotPreset', 'get_fewshot_preset', 'fewshot_path', 'fewshot_config', 'run_fewshot', 'fewshot_frame',
-           'fewshot_records', 'fewshot_study', 'paired_values', 'compare_bases', 'noninferiority', 'retention', 'main']
+           'FewShotPreset', 'get_fewshot_preset', 'fewshot_path', 'fewshot_config', 'run_fewshot', 'replay_adaptation',
+           'fewshot_frame', 'fewshot_records', 'fewshot_study', 'paired_values', 'compare_bases', 'noninferiority',
+           'retention', 'main']
 
 # %% ../nbs/14_fewshot.ipynb #889afd51
 import argparse, copy, hashlib, json, math, os, sys, time
@@ -114,10 +115,11 @@ class Adaptation:
     trainable_parameters:int       # parameters the method trains
     query:dict|None                # metrics of the selected state on the query set (None without one)
     model:nn.Module|None = field(default=None, repr=False)  # the adapted copy, selected state, eval mode
+    snapshots:list|None = field(default=None, repr=False)   # [(step, {name: CPU tensor})] of the trained parameters at every validation (keep_snapshots=True)
 
     def to_dict(self)->dict:
-        "JSON-ready fields, without the model."
-        return {k: v for k, v in asdict(replace(self, model=None)).items() if k != "model"}
+        "JSON-ready fields, without the model and the snapshots."
+        return {k: v for k, v in asdict(replace(self, model=None, snapshots=None)).items() if k not in ("model", "snapshots")}
 
 # %% ../nbs/14_fewshot.ipynb #807534a0
 def _check_adaptation(model, method, support, validation, query, numbers):
@@ -149,6 +151,7 @@ def adapt(model:nn.Module,                  # base model with `forward_batch` (e
           gains:tuple=(0.01,),              # record the steps to validation IoU >= step-0 IoU + gain
           seed:int=0,                       # seeds adapter initialisation (LoRA's A) and any adapter noise
           adapter_options:dict|None=None,   # overrides of ADAPTER_OPTIONS[method]
+          keep_snapshots:bool=False,        # also return the trained parameters at step 0 and every validation (for RotationExplorer)
          )->Adaptation:
     "Adapt a copy of `model` to `support` by `method`, early-stopped and selected on `validation`; report `query`."
     _check_adaptation(model, method, support, validation, query, dict(max_steps=max_steps, patience=patience, eval_every=eval_every))
@@ -159,16 +162,21 @@ def adapt(model:nn.Module,                  # base model with `forward_batch` (e
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         adapted = adaptable_copy(model, method, adapter_options)
-        result = _fit(adapted, method, support.to(device), validation.to(device), max_steps, learning_rate, patience, eval_every, gains)
+        result = _fit(adapted, method, support.to(device), validation.to(device), max_steps, learning_rate, patience, eval_every, gains, keep_snapshots)
     if query is not None: result.query = evaluate(adapted, query.to(device))
     return result
 
-def _fit(adapted, method, support, validation, max_steps, learning_rate, patience, eval_every, gains)->Adaptation:
+def _fit(adapted, method, support, validation, max_steps, learning_rate, patience, eval_every, gains, keep_snapshots=False)->Adaptation:
     "The training loop of `adapt` on a prepared copy: validate, keep the best state, stop by patience in steps."
-    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in adapted.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
+    snapshots = [] if keep_snapshots else None
+    def snapshot(step):
+        if keep_snapshots: snapshots.append((step, {name: p.detach().cpu().clone() for name, p in named}))
     optimizer = make_optimizer(adapted, TrainConfig(learning_rate=learning_rate, weight_decay=0.0))
     started, step = time.perf_counter(), 0
     curve = [(0, evaluate(adapted, validation)["iou"])]
+    snapshot(0)
     best_step, best_iou, best_state = 0, curve[0][1], [p.detach().clone() for p in trainable]
     while step < max_steps and step - best_step < patience:
         _train_modes(adapted)
@@ -178,13 +186,14 @@ def _fit(adapted, method, support, validation, max_steps, learning_rate, patienc
         step += 1
         if step % eval_every and step != max_steps: continue
         curve.append((step, evaluate(adapted, validation)["iou"]))
+        snapshot(step)
         if curve[-1][1] > best_iou: best_step, best_iou, best_state = step, curve[-1][1], [p.detach().clone() for p in trainable]
     with torch.no_grad():
         for parameter, value in zip(trainable, best_state): parameter.copy_(value)
     if support.inputs.device.type == "cuda": torch.cuda.synchronize(support.inputs.device)
     reached = {float(g): next((s for s, iou in curve if iou >= curve[0][1] + g), None) for g in gains}
     return Adaptation(method, curve, best_step, best_iou, step, reached, time.perf_counter() - started,
-                      sum(p.numel() for p in trainable), None, adapted.eval())
+                      sum(p.numel() for p in trainable), None, adapted.eval(), snapshots)
 
 # %% ../nbs/14_fewshot.ipynb #25a8d598
 @dataclass(frozen=True)
@@ -240,16 +249,24 @@ def fewshot_config(base_method:str, seed:int, settings:FewShotPreset, base_hash:
             "composition_ids": fewshot_compositions(settings.compositions), "adapter_options": ADAPTER_OPTIONS,
             "adapted_layers": list(ADAPTED_LAYERS)}
 
+def _study_sets(config:dict, composition:int, device)->dict:
+    "The support (largest shot count), validation and query sets of one composition in a study."
+    return adaptation_sets(composition, config["seed"], max(config["shots"]), config["validation_size"], config["query_size"], device)
+
+def _study_adaptation(model, config:dict, sets:dict, shots:int, method:str, keep_snapshots:bool=False)->Adaptation:
+    "One adaptation exactly as the study with configuration `config` runs it."
+    return adapt(model, method, sets["support"][:shots], sets["validation"], sets["query"], config["max_steps"],
+                 config["learning_rates"][method], config["patience"], config["eval_every"], tuple(config["gains"]),
+                 seed=config["seed"], keep_snapshots=keep_snapshots)
+
 def _adapt_composition(model, config:dict, composition:int, device)->tuple[dict, list]:
     "Zero-shot metrics and every (shots, method) adaptation of one composition."
-    sets = adaptation_sets(composition, config["seed"], max(config["shots"]), config["validation_size"], config["query_size"], device)
+    sets = _study_sets(config, composition, device)
     zero_shot = {"validation": evaluate(model, sets["validation"]), "query": evaluate(model, sets["query"])}
     results = []
     for shots in config["shots"]:
         for method in config["adaptation_methods"]:
-            outcome = adapt(model, method, sets["support"][:shots], sets["validation"], sets["query"], config["max_steps"],
-                            config["learning_rates"][method], config["patience"], config["eval_every"], tuple(config["gains"]),
-                            seed=config["seed"])
+            outcome = _study_adaptation(model, config, sets, shots, method)
             results.append({"composition": composition, "shots": shots, **outcome.to_dict()})
     return zero_shot, results
 
@@ -280,6 +297,20 @@ def run_fewshot(base_method:str,              # a key of so8lab.experiments.METH
               "zero_shot": zero_shot, "adaptations": adaptations, "total_seconds": time.perf_counter() - started}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return record
+
+def replay_adaptation(model:nn.Module,         # the record's base model (`load_model(record['base_method'], record['seed'], ...)`)
+                      record:dict,             # a few-shot record (`run_fewshot`)
+                      composition:int,         # one of record['composition_ids']
+                      shots:int,               # one of record['shots']
+                      method:str,              # one of record['adaptation_methods']
+                      keep_snapshots:bool=True,# keep the trained parameters at every validation
+                     )->Adaptation:
+    "Run one adaptation of a few-shot record again, with the same sets, settings and seed (e.g. to look at its adapter)."
+    for name, value, allowed in (("composition", composition, record["composition_ids"]), ("shots", shots, record["shots"]),
+                                 ("method", method, record["adaptation_methods"])):
+        if value not in allowed: raise ValueError(f"{name} must be one of the record's {allowed}, got {value!r}")
+    sets = _study_sets(record, composition, next(model.parameters()).device)
+    return _study_adaptation(model, record, sets, shots, method, keep_snapshots)
 
 # %% ../nbs/14_fewshot.ipynb #ff579aac
 def fewshot_frame(records:list)->"pd.DataFrame":
