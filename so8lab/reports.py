@@ -42,12 +42,18 @@ def environment()->dict:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 # %% ../nbs/13_reports.ipynb #fd5b32c5
+def _umask()->int:
+    "The process's file-creation mask (read by setting it and putting it back)."
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
 def atomic_write_text(path, text:str):
-    "Write `text` to `path` through a temporary file in the same directory and an atomic rename."
+    "Write `text` (UTF-8) to `path` through a temporary file in the same directory and an atomic rename: no half-written file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file: file.write(text)
+        with os.fdopen(handle, "w", encoding="utf-8") as file: file.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())   # mkstemp makes the file private: give it the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True); raise
@@ -98,8 +104,9 @@ def run_report(name:str,                 # a key of REPORTS
                out="reports",            # destination root: the report lands in out/name/
                preset:str="cpu",         # experiment preset passed to the template
                parameters:dict|None=None,# further template parameters
+               html:bool=True,           # also write out/name/name.html, which renders with no network
               )->Path:                   # the report's directory
-    "Execute report `name` with papermill and move it into `out/name` only if it succeeds."
+    "Execute report `name` with papermill (and export it to offline HTML); move it into `out/name` only if all of it succeeds."
     import papermill
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     parameters = {"preset": preset, **(parameters or {})}
@@ -110,10 +117,16 @@ def run_report(name:str,                 # a key of REPORTS
     if "results_dir" in declared and "results_dir" not in parameters:   # reports of one preset share their runs
         parameters["results_dir"] = str(out / "runs" / preset)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    os.chmod(work, 0o777 & ~_umask())                        # mkdtemp makes it private; the report is not
     try:
-        papermill.execute_notebook(str(REPOSITORY / REPORTS[name]), str(work / f"{name}.ipynb"), cwd=str(work),
+        notebook = work / f"{name}.ipynb"
+        papermill.execute_notebook(str(REPOSITORY / REPORTS[name]), str(notebook), cwd=str(work),
                                    parameters={**parameters, "output_dir": str(work)}, progress_bar=False,
                                    kernel_name="python3", log_output=False)
+        if html:
+            from so8lab.widgets import export_html, slim_notebook   # imported here: widgets imports the whole model stack
+            export_html(notebook, work / f"{name}.html")            # JavaScript copies in work/_static/
+            slim_notebook(notebook)                                  # the kept notebook refers to plotly's widget bundle
     except BaseException as error:
         kept = Path(tempfile.mkdtemp(prefix=f"so8lab-failed-{name}-"))
         shutil.move(str(work), kept / name)
@@ -161,11 +174,12 @@ def main(argv:list|None=None):
     parser.add_argument("--out", default="reports", help="destination directory")
     parser.add_argument("--only", nargs="*", choices=list(REPORTS), help="run only these reports")
     parser.add_argument("-p", "--parameter", action="append", type=_parse_parameter, default=[], help="name=value")
+    parser.add_argument("--no-html", dest="html", action="store_false", help="skip the offline HTML export")
     arguments = parser.parse_args(argv)
     timings = {}
     for name in arguments.only or REPORTS:
         started = time.perf_counter()
-        path = run_report(name, arguments.out, arguments.preset, dict(arguments.parameter))
+        path = run_report(name, arguments.out, arguments.preset, dict(arguments.parameter), arguments.html)
         timings[name] = time.perf_counter() - started
         print(f"{name}: {path} ({timings[name]:.0f} s)", flush=True)
     print(write_summary(arguments.out, timings))

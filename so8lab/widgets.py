@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['ASSETS_DIRECTORY', 'PLOTLY_MIMETYPE', 'WIDGET_STATE_MIMETYPE', 'OFFLINE_TEMPLATE', 'grid_colorscale',
-           'AttentionExplorer', 'RotationExplorer', 'javascript_assets', 'export_html']
+           'AttentionExplorer', 'RotationExplorer', 'javascript_assets', 'slim_widget_state', 'restore_widget_state',
+           'slim_notebook', 'export_html']
 
 # %% ../nbs/12_widgets.ipynb #ad5f4a48
 import filecmp
+import hashlib
 import html
 import json
 import os
 import shutil
 import sys
-import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 import numpy as np
@@ -35,6 +36,7 @@ from .plots import PALETTE, program_label
 from .primitives import GRID_SIZE, detokenize
 from .rotations import canonical_angles, orthogonality_error
 from .tasks import TaskBatch
+from .reports import atomic_write_text
 from .training import load_checkpoint
 
 # %% ../nbs/12_widgets.ipynb #66acb07d
@@ -425,8 +427,10 @@ def javascript_assets(root=None,   # node_modules folder; default $SO8LAB_JS, el
 # %% ../nbs/12_widgets.ipynb #6e2a8ddb
 OFFLINE_TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block html_head_js_requirejs -%}
+{%- if resources.so8lab.plotly_js %}
 <script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>
 <script type="text/javascript">{{ resources.so8lab.plotly_js }}</script>
+{%- endif %}
 <script src="{{ resources.require_js_url }}"></script>
 <script>require.config({paths: {{ resources.so8lab.paths }}});</script>
 {%- for source in resources.so8lab.modules %}
@@ -455,15 +459,56 @@ def _draw_plotly_outputs(notebook)->int:  # number of figures converted
             count += 1
     return count
 
+def _anywidget_models(notebook)->list:
+    "The models of anywidget widgets (plotly's `FigureWidget` is one) in a notebook's saved widget state."
+    models = notebook.metadata.get("widgets", {}).get(WIDGET_STATE_MIMETYPE, {}).get("state", {})
+    return [m for m in models.values() if m.get("model_module") == "anywidget" and isinstance(m.get("state", {}).get("_esm"), str)]
+
 def _share_modules(notebook)->list:  # distinct module sources, in the order of their stubs
     "Replace each large anywidget `_esm` source in the saved widget state by a stub that imports one shared copy."
-    models, sources = notebook.metadata.get("widgets", {}).get(WIDGET_STATE_MIMETYPE, {}).get("state", {}), []
-    for model in models.values():
-        source = model.get("state", {}).get("_esm")
-        if model.get("model_module") != "anywidget" or not isinstance(source, str) or len(source) < 10_000: continue
+    sources = []
+    for model in _anywidget_models(notebook):
+        source = model["state"]["_esm"]
+        if len(source) < 10_000: continue
         if source not in sources: sources.append(source)
         model["state"]["_esm"] = _MODULE_STUB.format(index=sources.index(source))
     return sources
+
+# %% ../nbs/12_widgets.ipynb #3b1f5a02
+_BUNDLE_REFERENCE = "// so8lab: plotly {version} package_data/widgetbundle.js sha256={digest}"
+
+def _plotly_widget_bundle()->tuple:  # (module source, the reference that stands for it)
+    "The installed plotly's FigureWidget module source and its one-line reference."
+    source = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_text(encoding="utf-8")
+    return source, _BUNDLE_REFERENCE.format(version=plotly.__version__, digest=hashlib.sha256(source.encode()).hexdigest())
+
+def slim_widget_state(notebook)->int:  # widget models slimmed
+    "Replace the plotly FigureWidget module in a notebook's saved widget state by a reference to the installed plotly's copy."
+    source, reference = _plotly_widget_bundle()
+    models = [m for m in _anywidget_models(notebook) if m["state"]["_esm"] == source]
+    for model in models: model["state"]["_esm"] = reference
+    return len(models)
+
+def restore_widget_state(notebook)->int:  # widget models restored
+    "Put the installed plotly's FigureWidget module back where `slim_widget_state` left its reference."
+    source, reference = _plotly_widget_bundle()
+    restored = 0
+    for model in _anywidget_models(notebook):
+        saved = model["state"]["_esm"]
+        if saved == reference: model["state"]["_esm"], restored = source, restored + 1
+        elif saved.startswith(reference[:len("// so8lab: plotly ")]):
+            raise ValueError(f"the notebook's widget state refers to {saved[3:]!r}, but the installed plotly {plotly.__version__} "
+                             f"has another widget bundle: run the notebook again to save its own")
+    return restored
+
+def slim_notebook(notebook_path)->int:  # widget models slimmed
+    "Slim the saved widget state of the notebook file `notebook_path` in place (written atomically)."
+    notebook_path = Path(notebook_path)
+    if not notebook_path.is_file(): raise FileNotFoundError(f"notebook_path {str(notebook_path)!r} is not a file")
+    notebook = nbformat.read(notebook_path, as_version=4)
+    slimmed = slim_widget_state(notebook)
+    if slimmed: atomic_write_text(notebook_path, nbformat.writes(notebook))
+    return slimmed
 
 # %% ../nbs/12_widgets.ipynb #f00c3fd7
 def _copy_assets(directory:Path)->dict:  # file name -> URL relative to the HTML file
@@ -474,38 +519,28 @@ def _copy_assets(directory:Path)->dict:  # file name -> URL relative to the HTML
         if not (target / name).exists() or not filecmp.cmp(source, target / name, shallow=False): shutil.copyfile(source, target / name)
     return {name: f"{ASSETS_DIRECTORY}/{name}" for name in javascript_assets()}
 
-def _write_atomically(path:Path, text:str):
-    "Write `text` to `path` through a temporary file in the same folder, so no half-written file is left."
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    umask = os.umask(0); os.umask(umask)   # mkstemp makes the file private: give it the usual permissions
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file: file.write(text)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True); raise
-
 def export_html(notebook_path,             # an executed notebook (.ipynb) with its widget state saved
                 html_path,                 # the .html file to write; the JavaScript copies go to `_static/` beside it
                 execute:bool=False,        # run the notebook first (nbclient, in the notebook's folder)
                 timeout:int=600,           # seconds per cell when executing
                )->Path:                    # `html_path`
-    "Write a notebook as HTML that renders with no network: plotly.js inlined, require.js and widget JavaScript from local copies."
+    "Write a notebook as HTML that renders with no network: plotly.js inlined (if it has plotly figures), require.js and widget JavaScript from local copies."
     notebook_path, html_path = Path(notebook_path), Path(html_path)
     if not notebook_path.is_file(): raise FileNotFoundError(f"notebook_path {str(notebook_path)!r} is not a file")
     if html_path.suffix != ".html": raise ValueError(f"html_path must end in .html, got {str(html_path)!r}")
     notebook = nbformat.read(notebook_path, as_version=4)
     if execute: NotebookClient(notebook, timeout=timeout, resources={"metadata": {"path": str(notebook_path.parent.resolve())}}).execute()
-    _draw_plotly_outputs(notebook)
+    restore_widget_state(notebook)
+    figures = _draw_plotly_outputs(notebook)
     modules = [json.dumps(source).replace("<", "\\u003c") for source in _share_modules(notebook)]
     html_path.parent.mkdir(parents=True, exist_ok=True)
     urls = _copy_assets(html_path.parent)
-    plotly_js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text(encoding="utf-8")
+    plotly_js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text(encoding="utf-8") if figures else ""  # widgets bring their own
     exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"so8lab_offline.html.j2": OFFLINE_TEMPLATE})],
                             template_file="so8lab_offline.html.j2", require_js_url=urls["require.js"],
                             widget_renderer_url=urls["embed-amd.js"], jupyter_widgets_base_url=f"{ASSETS_DIRECTORY}/")
     paths = json.dumps({"anywidget": urls["anywidget.js"].removesuffix(".js")})
     body, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": notebook_path.stem},
                                                                 "so8lab": {"plotly_js": plotly_js, "paths": paths, "modules": modules}})
-    _write_atomically(html_path, body)
+    atomic_write_text(html_path, body)
     return html_path

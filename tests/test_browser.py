@@ -175,3 +175,34 @@ def test_jupyterlab_runs_the_widgets_notebook_and_explorers_answer_clicks(tmp_pa
     assert len(started) >= 2   # the server and at least the notebook's kernel
     assert [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     for name in ("attention_explorer.png", "rotation_explorer.png"): keep_screenshot(tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def smoke_reports(tmp_path_factory)->Path:
+    "The main job's H1 and H2 reports on the smoke preset (papermill, offline HTML export, slimmed notebooks)."
+    out = tmp_path_factory.mktemp("main-job") / "reports"
+    result = subprocess.run([sys.executable, "-m", "so8lab.reports", "--preset", "smoke", "--only", "H1_compositional", "H2_few_shot",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("report, explorer, heatmaps, status", [
+    ("H1_compositional", ".so8lab-attention-explorer", 4, "sample 0"),
+    ("H2_few_shot", ".so8lab-rotation-explorer", 1, "max|RᵀR − I|")])
+def test_main_job_reports_show_their_explorer_offline(smoke_reports, tmp_path, report, explorer, heatmaps, status):
+    directory = smoke_reports / report
+    assert (directory / f"{report}.ipynb").stat().st_size < 1_000_000        # the kept notebook is slimmed
+    with browser_page(tmp_path / "profile") as (page, problems):
+        page.goto((directory / f"{report}.html").resolve().as_uri())
+        widget = page.locator(explorer)
+        widget.locator(".js-plotly-plot .hm").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(500)
+        assert widget.count() == 1
+        assert widget.locator(".js-plotly-plot .hm").count() == heatmaps
+        assert status in widget.inner_text()
+        assert page.locator("img[src^='data:image/png']").count() >= 1          # the report's matplotlib figures
+        widget.screenshot(path=tmp_path / f"report_{report}.png")
+        assert problems == []
+    keep_screenshot(tmp_path / f"report_{report}.png")

@@ -1,5 +1,5 @@
 """Papermill templates and the command lines: parameters cells, subprocess runs, atomic report directories."""
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 import nbformat
 import pytest
@@ -38,7 +38,14 @@ def test_main_job_runs_data_report_atomically(tmp_path):
     result = run("-m", "so8lab.reports", "--preset", "smoke", "--only", "00_data", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = out / "00_data"
-    assert {"00_data.ipynb", "results.json", "primitives.png", "heldout_compositions.png"} <= {p.name for p in report.iterdir()}
+    assert {"00_data.ipynb", "00_data.html", "_static", "results.json", "primitives.png", "heldout_compositions.png"} <= {p.name for p in report.iterdir()}
+    page = (report / "00_data.html").read_text(encoding="utf-8")
+    assert re.findall(r"<script\b[^>]*\bsrc\s*=\s*[\"']?([^\"' >]+)", page) == ["_static/require.js"]
+    assert page.count('<img src="data:image/png;base64,') >= 2              # the figures are inside the page
+    assert (report / "_static" / "require.js").is_file()
+    umask = os.umask(0); os.umask(umask)                                    # files and folder get the usual permissions
+    for path in (report, report / "results.json", report / "00_data.ipynb", report / "00_data.html"):
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     saved = json.loads((report / "results.json").read_text())
     assert saved["report"] == "00_data" and saved["config"]["preset"] == "smoke" and len(saved["git_sha"]) >= 7
     assert (out / "summary.md").exists()
