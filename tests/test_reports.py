@@ -41,7 +41,7 @@ def test_main_job_runs_data_report_atomically(tmp_path):
     assert {"00_data.ipynb", "00_data.html", "_static", "results.json", "primitives.png", "heldout_compositions.png"} <= {p.name for p in report.iterdir()}
     page = (report / "00_data.html").read_text(encoding="utf-8")
     assert re.findall(r"<script\b[^>]*\bsrc\s*=\s*[\"']?([^\"' >]+)", page) == ["_static/require.js"]
-    assert page.count('<img src="data:image/png;base64,') >= 2              # the figures are inside the page
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == 3   # its three figures are inside the page
     assert (report / "_static" / "require.js").is_file()
     umask = os.umask(0); os.umask(umask)                                    # files and folder get the usual permissions
     for path in (report, report / "results.json", report / "00_data.ipynb", report / "00_data.html"):
