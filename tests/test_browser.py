@@ -2,7 +2,8 @@
 (a) an exported report opened from file:// with every http(s) request blocked: the plotly figure and both explorers
 render, and the console reports no missing script; (b) JupyterLab on 127.0.0.1 (no token) runs nbs/12_widgets.ipynb
 (a copy, so the repository's notebook is never saved over), both explorers render and answer a click through the
-kernel. Every process started here is stopped by its id at the end. Screenshots go to the test's tmp dir, and also
+kernel; (c) the main job's H1 and H2 reports (smoke preset) exported to HTML, each showing its explorer offline.
+Every process started here is stopped by its id at the end. Screenshots go to the test's tmp dir, and also
 to $SO8LAB_SCREENSHOTS when it is set (that is how docs/images/*.png are refreshed)."""
 import json
 import os
