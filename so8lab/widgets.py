@@ -475,10 +475,13 @@ def _share_modules(notebook)->list:  # distinct module sources, in the order of 
     return sources
 
 # %% ../nbs/12_widgets.ipynb #3b1f5a02
-_BUNDLE_REFERENCE = "// so8lab: plotly {version} package_data/widgetbundle.js sha256={digest}"
+_BUNDLE_MARK = "// so8lab: plotly "
+_BUNDLE_REFERENCE = (_BUNDLE_MARK + "{version} package_data/widgetbundle.js sha256={digest}\n"
+                     "export default {{render({{el}}) {{el.textContent = 'This plotly figure widget shows once the notebook runs "
+                     "(or in its HTML export): its 5 MB module is not stored in the saved notebook.';}}}};\n")
 
 def _plotly_widget_bundle()->tuple:  # (module source, the reference that stands for it)
-    "The installed plotly's FigureWidget module source and its one-line reference."
+    "The installed plotly's FigureWidget module source and the small module that stands for it in saved notebooks."
     source = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_text(encoding="utf-8")
     return source, _BUNDLE_REFERENCE.format(version=plotly.__version__, digest=hashlib.sha256(source.encode()).hexdigest())
 
@@ -496,9 +499,9 @@ def restore_widget_state(notebook)->int:  # widget models restored
     for model in _anywidget_models(notebook):
         saved = model["state"]["_esm"]
         if saved == reference: model["state"]["_esm"], restored = source, restored + 1
-        elif saved.startswith(reference[:len("// so8lab: plotly ")]):
-            raise ValueError(f"the notebook's widget state refers to {saved[3:]!r}, but the installed plotly {plotly.__version__} "
-                             f"has another widget bundle: run the notebook again to save its own")
+        elif saved.startswith(_BUNDLE_MARK):
+            raise ValueError(f"the notebook's widget state refers to {saved.splitlines()[0][3:]!r}, but the installed plotly "
+                             f"{plotly.__version__} has another widget bundle: run the notebook again to save its own")
     return restored
 
 def slim_notebook(notebook_path)->int:  # widget models slimmed
