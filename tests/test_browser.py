@@ -4,7 +4,8 @@ render, and the console reports no missing script; (b) JupyterLab on 127.0.0.1 (
 (a copy, so the repository's notebook is never saved over), both explorers render and answer a click through the
 kernel; (c) the main job's H1 and H2 reports (smoke preset) exported to HTML, each showing its explorer offline.
 Every process started here is stopped by its id at the end. Screenshots go to the test's tmp dir, and also
-to $SO8LAB_SCREENSHOTS when it is set (that is how docs/images/*.png are refreshed)."""
+to $SO8LAB_SCREENSHOTS when it is set (CI keeps them as an artifact; docs/images/{attention,rotation}_explorer.png
+come from test (b), docs/images/report_*.png from the cpu-preset reports opened the same way)."""
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ def test_exported_report_renders_offline(tmp_path):
         attention.screenshot(path=tmp_path / "export_attention_explorer.png")
         page.screenshot(path=tmp_path / "export_page.png", full_page=True)
         assert problems == []
+    for name in ("export_attention_explorer.png", "export_page.png"): keep_screenshot(tmp_path / name)
 
 
 def free_port()->int:
@@ -204,6 +206,6 @@ def test_main_job_reports_show_their_explorer_offline(smoke_reports, tmp_path, r
         assert widget.locator(".js-plotly-plot .hm").count() == heatmaps
         assert status in widget.inner_text()
         assert page.locator("img[src^='data:image/png']").count() >= 1          # the report's matplotlib figures
-        widget.screenshot(path=tmp_path / f"report_{report}.png")
+        widget.screenshot(path=tmp_path / f"smoke_report_{report}.png")
         assert problems == []
-    keep_screenshot(tmp_path / f"report_{report}.png")
+    keep_screenshot(tmp_path / f"smoke_report_{report}.png")
