@@ -194,20 +194,20 @@ if HAS_TRITON:
         return tl.load(ptr + b * 64 + tl.arange(0, 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :], mask=b < num_blocks, other=0.0).to(COMPUTE)
 
     @triton.jit
-    def _rotation_matrices_kernel(vec_ptr, gate_ptr, rot_ptr, m_hi_ptr, m_lo_ptr, num_blocks, BLOCKS: tl.constexpr, TERMS: tl.constexpr,
+    def _rotation_matrices_kernel(vec_ptr, gate_ptr, rot_ptr, d_hi_ptr, d_lo_ptr, num_blocks, BLOCKS: tl.constexpr, TERMS: tl.constexpr,
                                   COMPUTE: tl.constexpr, BLEND: tl.constexpr, SPLIT: tl.constexpr):
-        "R = exp(A) for BLOCKS 28-vectors per program; with BLEND also M = (1-g) I + g R in the activation dtype (SPLIT: hi + lo)."
+        "R = exp(A) for BLOCKS 28-vectors per program; with BLEND also D = M - I = g (R - I) in the activation dtype (SPLIT: hi + lo)."
         first = tl.program_id(0) * BLOCKS
         rot = _expm8(_skew8(vec_ptr, first, num_blocks, BLOCKS, COMPUTE), TERMS, COMPUTE)
         _store8(rot_ptr, rot, first, num_blocks, BLOCKS)
         if BLEND:
             b = first + tl.arange(0, BLOCKS)[:, None, None]
             g = tl.load(gate_ptr + b, mask=b < num_blocks, other=0.0).to(COMPUTE)
-            m = (1 - g) * _eye8(COMPUTE) + g * rot
-            m_hi = m.to(m_hi_ptr.dtype.element_ty)
-            _store8(m_hi_ptr, m_hi, first, num_blocks, BLOCKS)
+            d = g * (rot - _eye8(COMPUTE))   # the blend's deviation from I: exactly 0 at the identity
+            d_hi = d.to(d_hi_ptr.dtype.element_ty)
+            _store8(d_hi_ptr, d_hi, first, num_blocks, BLOCKS)
             if SPLIT:
-                _store8(m_lo_ptr, (m - m_hi.to(COMPUTE)).to(m_lo_ptr.dtype.element_ty), first, num_blocks, BLOCKS)
+                _store8(d_lo_ptr, (d - d_hi.to(COMPUTE)).to(d_lo_ptr.dtype.element_ty), first, num_blocks, BLOCKS)
 
     @triton.jit
     def _rotation_param_grad_kernel(vec_ptr, rot_ptr, gate_ptr, dm_ptr, dvec_ptr, dgate_ptr, num_blocks,
@@ -238,15 +238,15 @@ def _tl_dtype(compute): return tl.float64 if compute == torch.float64 else tl.fl
 def _small_grid(blocks): return (triton.cdiv(blocks, _SMALL["BLOCKS"]),)
 
 def _rotation_and_blend(vec, gate=None, dtype=None):
-    "R = exp(A) in float32 (float64); with `gate`, also M = (1-g) I + g R in `dtype` as (hi, lo) halves (lo only for 16-bit)."
+    "R = exp(A) in float32 (float64); with `gate`, also D = M - I = g (R - I) in `dtype` as (hi, lo) halves (lo only for 16-bit)."
     compute = _compute_dtype(vec.dtype if gate is None else dtype)
     rot = torch.empty(vec.shape[0], 8, 8, device=vec.device, dtype=compute)
     split = dtype in (torch.float16, torch.bfloat16)
-    m_hi = torch.empty_like(rot, dtype=dtype) if gate is not None else rot
-    m_lo = torch.empty_like(m_hi) if split else m_hi
-    _rotation_matrices_kernel[_small_grid(vec.shape[0])](vec, rot if gate is None else gate, rot, m_hi, m_lo, vec.shape[0], TERMS=_terms(compute),
+    d_hi = torch.empty_like(rot, dtype=dtype) if gate is not None else rot
+    d_lo = torch.empty_like(d_hi) if split else d_hi
+    _rotation_matrices_kernel[_small_grid(vec.shape[0])](vec, rot if gate is None else gate, rot, d_hi, d_lo, vec.shape[0], TERMS=_terms(compute),
                                                          COMPUTE=_tl_dtype(compute), BLEND=gate is not None, SPLIT=split, **_SMALL)
-    return rot, m_hi, m_lo
+    return rot, d_hi, d_lo
 
 def _param_grads(vec, rot, gate, dm):
     "(dA_vec, dgate) from dM, the gradient of the per-block blend matrices."
@@ -317,21 +317,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot_split(tile, w_hi, w_lo, SPLIT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-        "tile @ (w_hi + w_lo) with a float32 (float64) accumulator; w_lo only for 16-bit tiles (SPLIT)."
+        "tile + tile @ (w_hi + w_lo) with a float32 (float64) accumulator; w_lo only for 16-bit tiles (SPLIT)."
         acc = _dot(tile, w_hi, PRECISION, EMULATE)
         if SPLIT:
             acc += _dot(tile, w_lo, PRECISION, EMULATE)
-        return acc
+        return acc + tile.to(acc.dtype)   # the small terms first, then the tile itself
 
     @triton.autotune(configs=_rotation_configs(), key=["num_rows", "width"], do_bench=_tuning_timer)
     @triton.jit(do_not_specialize=["num_rows"])
-    def _rotation_forward_kernel(x_ptr, m_hi_ptr, m_lo_ptr, y_ptr, num_rows, width,
+    def _rotation_forward_kernel(x_ptr, d_hi_ptr, d_lo_ptr, y_ptr, num_rows, width,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
-        "y = x @ blockdiag(M); programs along axis 0 stride over row tiles."
+        "y = x + x @ blockdiag(D) = x @ blockdiag(M); programs along axis 0 stride over row tiles."
         pid_n = tl.program_id(0)
         first = tl.program_id(1) * (BLOCK_D // 8)
-        w_hi = _block_diagonal(m_hi_ptr, first, width // 8, BLOCK_D, False)
-        w_lo = _block_diagonal(m_lo_ptr, first, width // 8, BLOCK_D, False)
+        w_hi = _block_diagonal(d_hi_ptr, first, width // 8, BLOCK_D, False)
+        w_lo = _block_diagonal(d_lo_ptr, first, width // 8, BLOCK_D, False)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         for t in range(pid_n, tl.cdiv(num_rows, BLOCK_N), tl.num_programs(0)):
             rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -342,15 +342,15 @@ if HAS_TRITON:
 
     @triton.autotune(configs=_rotation_configs(), key=["num_rows", "width"], do_bench=_tuning_timer)
     @triton.jit(do_not_specialize=["num_rows"])
-    def _rotation_backward_kernel(x_ptr, dy_ptr, m_hi_ptr, m_lo_ptr, dx_ptr, partial_ptr, num_rows, width,
+    def _rotation_backward_kernel(x_ptr, dy_ptr, d_hi_ptr, d_lo_ptr, dx_ptr, partial_ptr, num_rows, width,
                                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                                   EMULATE: tl.constexpr, COMPUTE: tl.constexpr, NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr):
-        "dx = dy @ blockdiag(M)ᵀ, and this program's share of dM = Σ_n x_nᵀ dy_n (diagonal blocks)."
+        "dx = dy + dy @ blockdiag(D)ᵀ = dy @ blockdiag(M)ᵀ, and this program's share of dM = dD = Σ_n x_nᵀ dy_n (diagonal blocks)."
         pid_n = tl.program_id(0)
         num_blocks = width // 8
         first = tl.program_id(1) * (BLOCK_D // 8)
-        w_hi = _block_diagonal(m_hi_ptr, first, num_blocks, BLOCK_D, True)
-        w_lo = _block_diagonal(m_lo_ptr, first, num_blocks, BLOCK_D, True)
+        w_hi = _block_diagonal(d_hi_ptr, first, num_blocks, BLOCK_D, True)
+        w_lo = _block_diagonal(d_lo_ptr, first, num_blocks, BLOCK_D, True)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dm = tl.zeros((BLOCK_D, BLOCK_D), dtype=COMPUTE)
         for t in range(pid_n, tl.cdiv(num_rows, BLOCK_N), tl.num_programs(0)):
@@ -389,37 +389,37 @@ def _launch(kernel, grid, width, *args, **constexprs):
 
 def _rotation_forward(x, vec, gate):
     num_rows, width = x.shape
-    rot, m_hi, m_lo = _rotation_and_blend(vec, gate, x.dtype)
+    rot, d_hi, d_lo = _rotation_and_blend(vec, gate, x.dtype)
     y = torch.empty_like(x)
     programs = _row_programs(num_rows, width, x.device)
     grid = lambda meta: (programs, triton.cdiv(width, meta["BLOCK_D"]))
     options = _kernel_options(x.dtype)
-    _launch(_rotation_forward_kernel, grid, width, x, m_hi, m_lo, y, num_rows, width, SPLIT=options["SPLIT"], PRECISION=options["PRECISION"], EMULATE=options["EMULATE"])
-    return y, rot, m_hi, m_lo
+    _launch(_rotation_forward_kernel, grid, width, x, d_hi, d_lo, y, num_rows, width, SPLIT=options["SPLIT"], PRECISION=options["PRECISION"], EMULATE=options["EMULATE"])
+    return y, rot, d_hi, d_lo
 
-def _rotation_backward(x, dy, vec, gate, rot, m_hi, m_lo, need_dx, need_params):
+def _rotation_backward(x, dy, vec, gate, rot, d_hi, d_lo, need_dx, need_params):
     num_rows, width = x.shape
     programs = _row_programs(num_rows, width, x.device)
     dx = torch.empty_like(x) if need_dx else x
     partial = torch.empty(programs if need_params else 1, width // 8, 8, 8, device=x.device, dtype=rot.dtype)
     grid = lambda meta: (programs, triton.cdiv(width, meta["BLOCK_D"]))
-    _launch(_rotation_backward_kernel, grid, width, x, dy, m_hi, m_lo, dx, partial, num_rows, width, NEED_DX=need_dx, NEED_PARAMS=need_params, **_kernel_options(x.dtype))
+    _launch(_rotation_backward_kernel, grid, width, x, dy, d_hi, d_lo, dx, partial, num_rows, width, NEED_DX=need_dx, NEED_PARAMS=need_params, **_kernel_options(x.dtype))
     dvec, dgate = _param_grads(vec, rot, gate, partial.sum(0)) if need_params else (None, None)
     return (dx if need_dx else None), dvec, dgate
 
 class _BlockRotation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, vec, gate):
-        y, rot, m_hi, m_lo = _rotation_forward(x, vec, gate)
-        ctx.save_for_backward(x, vec, gate, rot, m_hi, m_lo)
+        y, rot, d_hi, d_lo = _rotation_forward(x, vec, gate)
+        ctx.save_for_backward(x, vec, gate, rot, d_hi, d_lo)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, vec, gate, rot, m_hi, m_lo = ctx.saved_tensors
+        x, vec, gate, rot, d_hi, d_lo = ctx.saved_tensors
         need_dx, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if not (need_dx or need_params): return None, None, None
-        dx, dvec, dgate = _rotation_backward(x, dy.contiguous(), vec, gate, rot, m_hi, m_lo, need_dx, need_params)
+        dx, dvec, dgate = _rotation_backward(x, dy.contiguous(), vec, gate, rot, d_hi, d_lo, need_dx, need_params)
         return dx, (dvec.to(vec.dtype) if need_params else None), (dgate.to(gate.dtype) if need_params else None)
 
 # %% ../nbs/03_kernels.ipynb #23099839
