@@ -539,6 +539,7 @@ d = { 'settings': { 'branch': 'main',
                                 'so8lab.widgets.export_html': ('widgets.html#export_html', 'so8lab/widgets.py'),
                                 'so8lab.widgets.grid_colorscale': ('widgets.html#grid_colorscale', 'so8lab/widgets.py'),
                                 'so8lab.widgets.javascript_assets': ('widgets.html#javascript_assets', 'so8lab/widgets.py'),
+                                'so8lab.widgets.main': ('widgets.html#main', 'so8lab/widgets.py'),
                                 'so8lab.widgets.restore_widget_state': ('widgets.html#restore_widget_state', 'so8lab/widgets.py'),
                                 'so8lab.widgets.slim_notebook': ('widgets.html#slim_notebook', 'so8lab/widgets.py'),
                                 'so8lab.widgets.slim_widget_state': ('widgets.html#slim_widget_state', 'so8lab/widgets.py')}}}

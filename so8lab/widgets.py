@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ASSETS_DIRECTORY', 'PLOTLY_MIMETYPE', 'WIDGET_STATE_MIMETYPE', 'OFFLINE_TEMPLATE', 'grid_colorscale',
            'AttentionExplorer', 'RotationExplorer', 'javascript_assets', 'slim_widget_state', 'restore_widget_state',
-           'slim_notebook', 'export_html']
+           'slim_notebook', 'export_html', 'main']
 
 # %% ../nbs/12_widgets.ipynb #ad5f4a48
 import filecmp
@@ -547,3 +547,18 @@ def export_html(notebook_path,             # an executed notebook (.ipynb) with 
                                                                 "so8lab": {"plotly_js": plotly_js, "paths": paths, "modules": modules}})
     atomic_write_text(html_path, body)
     return html_path
+
+# %% ../nbs/12_widgets.ipynb #3b1f5a11
+def main(argv:list|None=None)->Path:
+    "Command line: export an executed notebook to HTML that renders with no network."
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m so8lab.widgets", description=main.__doc__)
+    parser.add_argument("notebook", help="an executed .ipynb (widget state saved)")
+    parser.add_argument("html", help="the .html file to write (JavaScript copies go to _static/ beside it)")
+    parser.add_argument("--execute", action="store_true", help="run the notebook first")
+    arguments = parser.parse_args(argv)
+    written = export_html(arguments.notebook, arguments.html, execute=arguments.execute)
+    print(written)
+    return written
+
+if __name__ == "__main__" and "__file__" in globals(): main()

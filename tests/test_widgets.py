@@ -285,3 +285,18 @@ def test_export_errors_name_the_argument(tmp_path, monkeypatch):
     monkeypatch.setenv("SO8LAB_JS", str(tmp_path / "no-node-modules"))
     with pytest.raises(FileNotFoundError, match="make install"): export_html(tmp_path / "empty.ipynb", tmp_path / "x.html")
     assert not (tmp_path / "x.html").exists()
+
+
+def test_command_line_exports_a_committed_report(tmp_path):
+    import subprocess, sys
+    notebook = ROOT / "reports" / "H2_few_shot" / "H2_few_shot.ipynb"
+    result = subprocess.run([sys.executable, "-m", "so8lab.widgets", str(notebook), str(tmp_path / "H2.html")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "H2.html").read_text(encoding="utf-8")
+    assert result.stdout.strip() == str(tmp_path / "H2.html")
+    assert script_sources(page) == [f"{ASSETS_DIRECTORY}/require.js"]
+    assert page.count('id="so8lab-module-0"') == 1 and "so8lab-rotation-explorer" in page   # the explorer's module, restored once
+    assert "// so8lab: plotly" not in page
+    missing = subprocess.run([sys.executable, "-m", "so8lab.widgets", str(tmp_path / "none.ipynb"), str(tmp_path / "none.html")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "notebook_path" in missing.stderr and not (tmp_path / "none.html").exists()
