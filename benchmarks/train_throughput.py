@@ -17,7 +17,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str, config_overrides: dict) -> dict:
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")   # host waits on the GPU
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def profile_steps(trainer, first: int, steps: int, device: str) -> dict:
+    "Per-step breakdown of `steps` more training steps under torch.profiler: wall and GPU time, kernel launches, host syncs, top ops."
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from so8lab.training import _train_step
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for step in range(first, first + steps):
+            _train_step(trainer, step)
+            if device == "cuda": torch.cuda.synchronize()
+    wall = (time.perf_counter() - started) / steps
+    events = profiler.key_averages()
+    count = lambda names: sum(e.count for e in events if e.key in names) / steps
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps
+    top = sorted((e for e in events if e.device_type.name == "CPU" and not e.key.startswith("cuda")), key=lambda e: -e.cpu_time_total)[:12]
+    return {"steps": steps, "wall_ms_per_step_profiled": 1000 * wall, "gpu_kernel_ms_per_step": gpu_us / 1000,
+            "kernel_launches_per_step": count(LAUNCHES), "host_syncs_per_step": count(SYNCS),
+            "device_to_host_copies_per_step": sum(e.count for e in events if e.key == "cudaMemcpyAsync") / steps,
+            "top_cpu_ops_ms_per_step": {e.key: round(e.cpu_time_total / 1000 / steps, 3) for e in top}}
+
+
+def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str, config_overrides: dict, profile: bool = False) -> dict:
     import torch
     torch.set_num_threads(threads)
     from so8lab.models import GridModel, ModelConfig, count_parameters
@@ -38,7 +64,8 @@ def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str,
         _train_step(trainer, step)
         if device == "cuda": torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"samples_per_s": batch_size * steps / seconds, "seconds_per_step": seconds / steps, "n_params": count_parameters(model),
+    breakdown = profile_steps(trainer, warmup + steps, min(steps, 20), device) if profile else None
+    return {"profile": breakdown, "samples_per_s": batch_size * steps / seconds, "seconds_per_step": seconds / steps, "n_params": count_parameters(model),
             "model": {k: getattr(config, k) for k in ("encoder", "d_model", "layers", "patch_size", "sae_width", "conditioning")},
             "batch_size": batch_size, "steps": steps, "warmup": warmup, "threads": threads, "device": device,
             "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
@@ -58,9 +85,10 @@ def main(argv=None):
     parser.add_argument("--config", default="1m", choices=["1m", "default"], help="1m: patch 2, 2 layers; default: ModelConfig()")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--profile", action="store_true", help="after timing, profile up to 20 more steps: GPU time, launches, host syncs")
     arguments = parser.parse_args(argv)
     overrides = {"patch_size": 2, "layers": 2, "mlp_ratio": 2.0, "sae_width": 1536} if arguments.config == "1m" else {}
-    result = measure(arguments.threads, arguments.batch_size, arguments.steps, arguments.warmup, arguments.device, overrides)
+    result = measure(arguments.threads, arguments.batch_size, arguments.steps, arguments.warmup, arguments.device, overrides, arguments.profile)
     text = json.dumps(result, indent=1)
     if arguments.out: arguments.out.parent.mkdir(parents=True, exist_ok=True); arguments.out.write_text(text + "\n")
     if arguments.json: print(text)
