@@ -5,6 +5,8 @@ loop, numpy eigenvalues and determinants), and the offline HTML export of notebo
 import itertools
 import json
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -288,7 +290,6 @@ def test_export_errors_name_the_argument(tmp_path, monkeypatch):
 
 
 def test_command_line_exports_a_committed_report(tmp_path):
-    import subprocess, sys
     notebook = ROOT / "reports" / "H2_few_shot" / "H2_few_shot.ipynb"
     result = subprocess.run([sys.executable, "-m", "so8lab.widgets", str(notebook), str(tmp_path / "H2.html")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
