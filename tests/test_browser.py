@@ -1,6 +1,6 @@
 """The widgets in a real browser: Debian's headless Chromium driven by Playwright (no browser download).
 (a) an exported report opened from file:// with every http(s) request blocked: the plotly figure and both explorers
-render, and the console reports no missing script; (b) JupyterLab on 127.0.0.1 (no token) runs nbs/12_widgets.ipynb
+render, and the console reports no missing script; (b) JupyterLab on 127.0.0.1 (no token) runs nbs/16_widgets.ipynb
 (a copy, so the repository's notebook is never saved over), both explorers render and answer a click through the
 kernel; (c) the main job's H1 and H2 reports (smoke preset) exported to HTML, each showing its explorer offline.
 Every process started here is stopped by its id at the end. Screenshots go to the test's tmp dir, and also
@@ -136,10 +136,10 @@ def plot_point(page, plot, axis:str, x:float, y:float)->tuple:
 
 def test_jupyterlab_runs_the_widgets_notebook_and_explorers_answer_clicks(tmp_path):
     root = tmp_path / "lab"; root.mkdir()
-    shutil.copyfile(ROOT / "nbs" / "12_widgets.ipynb", root / "12_widgets.ipynb")
+    shutil.copyfile(ROOT / "nbs" / "16_widgets.ipynb", root / "16_widgets.ipynb")
     started = []
     with jupyter_lab(root, tmp_path / "jupyter", started) as (url, note_processes), browser_page(tmp_path / "profile") as (page, problems):
-        page.goto(f"{url}/lab/tree/12_widgets.ipynb")
+        page.goto(f"{url}/lab/tree/16_widgets.ipynb")
         page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=90_000)
         # JupyterLab's own command, once the notebook's kernel session is ready (the app is exposed by the server flag)
         page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && window.jupyterapp.shell.currentWidget.sessionContext", timeout=90_000)

@@ -1,5 +1,5 @@
 """Tests of so8lab.kernels that need a fresh interpreter (Triton's CPU interpreter is chosen at import time),
-hypothesis, or an environment without Triton. The notebook nbs/03_kernels.ipynb holds the worked examples."""
+hypothesis, or an environment without Triton. The notebook nbs/04_kernels.ipynb holds the worked examples."""
 import json
 import os
 import subprocess
