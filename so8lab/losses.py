@@ -357,6 +357,8 @@ DEFAULT_WEIGHTS = {"task": 1.0, "share": 0.1, "sae": 0.1, "primitive": 0.5}
 _TERM_INPUTS = {"task": ("logits", "targets"), "share": ("h", "groups"), "sae": ("h", "h_hat", "z"),
                 "primitive": ("primitive_logits", "multi_hot")}
 
+def _l1_value(coefficient)->float: return coefficient.coefficient if isinstance(coefficient, SAECoefficientController) else float(coefficient)
+
 class LossManager:
     "The weighted, scheduled sum of the task, share, SAE and primitive losses, with a log of every term."
     def __init__(self, weights:Mapping[str, float]|None=None,    # base weights, merged over DEFAULT_WEIGHTS
@@ -380,46 +382,38 @@ class LossManager:
         schedule = self.schedules.get(term)
         return self.weights[term] * (schedule(step) if schedule is not None else 1.0)
 
-# %% ../nbs/06_losses.ipynb #665ca09f
-def _l1_value(coefficient)->float: return coefficient.coefficient if isinstance(coefficient, SAECoefficientController) else float(coefficient)
+    def _term(self, term:str, inputs:dict)->tuple[torch.Tensor, dict]:
+        "Unweighted loss `term` from `inputs`, with its extra log entries."
+        if term == "task": return task_loss(inputs["logits"], inputs["targets"], self.task_kind), {}
+        if term == "primitive": return primitive_loss(inputs["primitive_logits"], inputs["multi_hot"]), {}
+        if term == "sae":
+            coefficient = _l1_value(self.sae_l1_coefficient)
+            return sae_loss(inputs["h"], inputs["h_hat"], inputs["z"], coefficient), {"sae_l1_coefficient": coefficient}
+        reference = self.share_reference.reference if self.share_reference is not None else None
+        loss, info = share_loss(inputs["h"], inputs["groups"], self.share_k, reference, self.share_min_group_size)
+        self._share_mean_projector = info.pop("mean_projector")
+        return loss, {f"share_{key}": value for key, value in info.items() if key != "reason"}
 
-def _term(self:LossManager, term:str, inputs:dict)->tuple[torch.Tensor, dict]:
-    "Unweighted loss `term` from `inputs`, with its extra log entries."
-    if term == "task": return task_loss(inputs["logits"], inputs["targets"], self.task_kind), {}
-    if term == "primitive": return primitive_loss(inputs["primitive_logits"], inputs["multi_hot"]), {}
-    if term == "sae":
-        coefficient = _l1_value(self.sae_l1_coefficient)
-        return sae_loss(inputs["h"], inputs["h_hat"], inputs["z"], coefficient), {"sae_l1_coefficient": coefficient}
-    reference = self.share_reference.reference if self.share_reference is not None else None
-    loss, info = share_loss(inputs["h"], inputs["groups"], self.share_k, reference, self.share_min_group_size)
-    self._share_mean_projector = info.pop("mean_projector")
-    return loss, {f"share_{key}": value for key, value in info.items() if key != "reason"}
+    def _update_state(self, computed:set, inputs:dict)->None:
+        "Advance the L1 controller and the EMA reference after a training step."
+        if "sae" in computed and isinstance(self.sae_l1_coefficient, SAECoefficientController): self.sae_l1_coefficient.update(inputs["z"])
+        if "share" in computed and self.share_reference is not None: self.share_reference.update(self._share_mean_projector)
 
-def _update_state(self:LossManager, computed:set, inputs:dict)->None:
-    "Advance the L1 controller and the EMA reference after a training step."
-    if "sae" in computed and isinstance(self.sae_l1_coefficient, SAECoefficientController): self.sae_l1_coefficient.update(inputs["z"])
-    if "share" in computed and self.share_reference is not None: self.share_reference.update(self._share_mean_projector)
-
-LossManager._term, LossManager._update_state = _term, _update_state
-
-# %% ../nbs/06_losses.ipynb #327c4d12
-def _call(self:LossManager, step:int=0, # training step, for the schedules
-          update:bool|None=None,        # advance controller/EMA state; None: when gradients are enabled
-          **inputs:torch.Tensor|None,   # logits, targets, h, groups, z, h_hat, primitive_logits, multi_hot
-         )->tuple[torch.Tensor, dict]:  # (total loss, log of floats)
-    "Total loss L = Σ weight × term over the terms with a non-zero weight and all inputs given."
-    unknown = set(inputs) - {name for names in _TERM_INPUTS.values() for name in names}
-    if unknown: raise TypeError(f"unknown loss input(s) {sorted(unknown)}; expected names from {_TERM_INPUTS}")
-    terms, log = {}, {}
-    for term, names in _TERM_INPUTS.items():
-        weight = self.weight(term, step)
-        if weight == 0 or any(inputs.get(name) is None for name in names): continue
-        value, extra = self._term(term, inputs)
-        terms[term] = weight * value
-        log.update({term: value.item(), f"weight_{term}": weight, **extra})
-    if not terms: raise ValueError(f"no loss term could be computed at step {step}: every term has weight 0 or a missing input")
-    if (torch.is_grad_enabled() if update is None else update): self._update_state(set(terms), inputs)
-    total = sum(terms.values())
-    return total, {"loss": total.item(), **log}
-
-LossManager.__call__ = _call
+    def __call__(self, step:int=0,              # training step, for the schedules
+                     update:bool|None=None,        # advance controller/EMA state; None: when gradients are enabled
+                     **inputs:torch.Tensor|None,   # logits, targets, h, groups, z, h_hat, primitive_logits, multi_hot
+                    )->tuple[torch.Tensor, dict]:  # (total loss, log of floats)
+        "Total loss L = Σ weight × term over the terms with a non-zero weight and all inputs given."
+        unknown = set(inputs) - {name for names in _TERM_INPUTS.values() for name in names}
+        if unknown: raise TypeError(f"unknown loss input(s) {sorted(unknown)}; expected names from {_TERM_INPUTS}")
+        terms, log = {}, {}
+        for term, names in _TERM_INPUTS.items():
+            weight = self.weight(term, step)
+            if weight == 0 or any(inputs.get(name) is None for name in names): continue
+            value, extra = self._term(term, inputs)
+            terms[term] = weight * value
+            log.update({term: value.item(), f"weight_{term}": weight, **extra})
+        if not terms: raise ValueError(f"no loss term could be computed at step {step}: every term has weight 0 or a missing input")
+        if (torch.is_grad_enabled() if update is None else update): self._update_state(set(terms), inputs)
+        total = sum(terms.values())
+        return total, {"loss": total.item(), **log}

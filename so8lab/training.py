@@ -7,11 +7,12 @@ __all__ = ['TrainConfig', 'make_optimizer', 'learning_rate_factor', 'evaluate', 
            'make_loss_manager', 'Trainer']
 
 # %% ../nbs/08_training.ipynb #df3d56f7
-import copy, csv, math, os, sys, tempfile, time, warnings
+import copy, csv, math, pickle, sys, time, warnings, zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
 from tqdm.auto import tqdm
+from .provenance import CorruptFile, atomic_path, check_integer, check_number
 from .tasks import TaskBatch
 from .losses import LossManager, SAECoefficientController, cell_accuracy, exact_match, mean_iou, task_loss
 
@@ -40,14 +41,10 @@ class TrainConfig:
     eval_batch_size:int = 1000      # samples per evaluation forward pass
 
     def __post_init__(self):
-        for name in ("steps", "warmup_steps", "eval_every", "log_every", "share_k", "max_recoveries", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("warmup_steps", "max_recoveries") else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("learning_rate", "grad_clip"):
-            if not getattr(self, name) > 0: raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("share_weight", "sae_weight", "primitive_weight", "weight_decay"):
-            if not getattr(self, name) >= 0: raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("steps", "eval_every", "log_every", "share_k", "eval_batch_size"): check_integer(getattr(self, name), name, low=1)
+        for name in ("warmup_steps", "max_recoveries"): check_integer(getattr(self, name), name, low=0)
+        for name in ("learning_rate", "grad_clip"): check_number(getattr(self, name), name, low=0, low_open=True)
+        for name in ("share_weight", "sae_weight", "primitive_weight", "weight_decay"): check_number(getattr(self, name), name, low=0)
         self.targets = tuple(sorted(float(t) for t in self.targets))
 
 # %% ../nbs/08_training.ipynb #1f508bc3
@@ -91,18 +88,17 @@ def evaluate(model:torch.nn.Module,   # a model with `forward_batch(batch)` retu
 # %% ../nbs/08_training.ipynb #42864b00
 def save_checkpoint(state:dict, path)->Path:
     "Write `state` to `path` atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(state, temporary); os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True); raise
-    return path
+    with atomic_path(path) as temporary: torch.save(state, temporary)
+    return Path(path)
 
 def load_checkpoint(path, device="cpu")->dict:
     "Read a checkpoint written by `save_checkpoint` (tensors and plain values only: `weights_only=True`)."
-    return torch.load(path, map_location=device, weights_only=True)
+    try: return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
+        if isinstance(error, FileNotFoundError): raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFile(f"{path} is not a readable checkpoint ({reason[:120]}); delete it and rerun: "
+                          "the run is retrained from its configuration") from None
 
 # %% ../nbs/08_training.ipynb #516fab51
 class RunLog:
@@ -126,11 +122,8 @@ class RunLog:
         "Rewrite metrics.csv from all rows so far (atomic) and flush TensorBoard."
         if not self.directory: return
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        with os.fdopen(handle, "w", newline="") as file:
+        with atomic_path(self.directory / "metrics.csv") as temporary, open(temporary, "w", newline="") as file:
             writer = csv.DictWriter(file, columns); writer.writeheader(); writer.writerows(self.rows)
-        os.replace(temporary, self.directory / "metrics.csv")
         if self.writer: self.writer.flush()
 
 # %% ../nbs/08_training.ipynb #9605feaf
@@ -151,11 +144,12 @@ class Trainer:
                  validation:TaskBatch,         # validation set (best checkpoint and time-to-target)
                  directory=None,               # checkpoints and logs go here (None: in memory only)
                  device=None,                  # default: the model's device
-                 progress:bool|None=None):     # tqdm bar; None = only on an interactive terminal
+                 progress:bool|None=None,      # tqdm bar; None = only on an interactive terminal
+                 identity:str|None=None):      # written into every checkpoint; `resume` accepts only its own
         self.model, self.config, self.sampler, self.validation = model, config, sampler, validation
         self.directory = Path(directory) if directory else None
         self.device = torch.device(device) if device else next(model.parameters()).device
-        self.progress = progress
+        self.progress, self.identity = progress, identity
         self.losses = make_loss_manager(config)
         self.optimizer = make_optimizer(model, config)
         self.log = RunLog(self.directory / "logs" if self.directory else None)
@@ -167,14 +161,16 @@ class Trainer:
         "Everything needed to continue training exactly from here."
         controller = self.losses.sae_l1_coefficient
         losses = controller.state_dict() if isinstance(controller, SAECoefficientController) else {}
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "losses": losses, "rng": torch.get_rng_state(), **copy.deepcopy(self.state)}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "losses": losses,
+                "rng": torch.get_rng_state(), "identity": self.identity, "log": copy.deepcopy(self.log.rows),
+                **copy.deepcopy(self.state)}
 
     def _restore(self, snapshot:dict):
         "Load a snapshot produced by `_snapshot` (from memory or a checkpoint file)."
         self.model.load_state_dict(snapshot["model"]); self.optimizer.load_state_dict(snapshot["optimizer"])
         if snapshot["losses"]: self.losses.sae_l1_coefficient.load_state_dict(snapshot["losses"])
         torch.set_rng_state(snapshot["rng"].cpu())
+        self.log.rows = copy.deepcopy(snapshot.get("log", []))
         self.state = {k: copy.deepcopy(snapshot[k]) for k in self.state}
 
     def _checkpoint(self, name:str):
@@ -183,10 +179,16 @@ class Trainer:
         if self.directory: save_checkpoint(self._good, self.directory / f"{name}.pt")
 
     def resume(self)->bool:
-        "Continue from `directory/last.pt` if it exists; returns whether it did."
+        "Continue from `directory/last.pt` if it exists, is readable and has this run's identity; returns whether it did."
         path = self.directory / "last.pt" if self.directory else None
         if not path or not path.exists(): return False
-        self._restore(load_checkpoint(path, self.device)); self._good = self._snapshot()
+        try: snapshot = load_checkpoint(path, self.device)
+        except CorruptFile as error:
+            warnings.warn(f"{error.args[0].split(';')[0]}; training from the start"); return False
+        if snapshot.get("identity") != self.identity:
+            warnings.warn(f"{path} belongs to run {snapshot.get('identity')!r}, not {self.identity!r}; training from the start")
+            return False
+        self._restore(snapshot); self._good = self._snapshot()
         return True
 
     def _set_learning_rate(self, step:int):
@@ -205,59 +207,61 @@ class Trainer:
         self.state["events"] = events + [{"step": step, "event": f"{reason}; rolled back to step {self.state['step']}, lr scale {scale}"}]
         warnings.warn(self.state["events"][-1]["event"])
 
+    def _train_step(self, step:int)->dict|None:
+        "One optimizer step on batch `step`; returns the logged loss terms, or None after a rollback."
+        batch = self.sampler[step].to(self.device)
+        self._set_learning_rate(step)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.amp and self.device.type == "cuda")
+        with autocast:
+            output = self.model.forward_batch(batch)
+        total, terms = self.losses(step, logits=output.logits.float(), targets=batch.outputs.long(), h=output.h.float(),
+                                   groups=batch.composition, z=output.z.float(), h_hat=output.h_hat.float(),
+                                   primitive_logits=output.primitive_logits.float(), multi_hot=batch.multi_hot)
+        if not torch.isfinite(total):
+            self._recover(step, "non-finite loss"); return None
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        if not torch.isfinite(norm):
+            self._recover(step, "non-finite gradient"); return None
+        self.optimizer.step()
+        if hasattr(self.model, "sae"): self.model.sae.normalize_decoder_()
+        return {**terms, "grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _validate(self, step:int):
+        "Evaluate, update history, best checkpoint and time-to-target."
+        metrics = evaluate(self.model, self.validation, self.config.eval_batch_size)
+        record = {"step": step, "train_seconds": self.state["train_seconds"], **metrics}
+        self.state["history"].append(record); self.log.log(step, "val", metrics)
+        for level in self.config.targets:
+            if str(level) not in self.state["targets"] and metrics["iou"] >= level:
+                self.state["targets"][str(level)] = {"step": step, "seconds": self.state["train_seconds"]}
+        if metrics["iou"] > self.state["best_iou"]:
+            self.state.update(best_iou=metrics["iou"], best_step=step)
+            if self.directory:
+                best = {"model": self.model.state_dict(), "step": step, "metrics": metrics, "identity": self.identity}
+                save_checkpoint(best, self.directory / "best.pt")
+        self._checkpoint("last")
+        self.log.flush()
+
     def fit(self,
             stop_at:int|None=None,  # return early after this many steps in total (simulates a kill in tests)
            )->dict:                 # the final state: history, best, targets, events, timings
         "Train until `config.steps` (or `stop_at`), validating every `eval_every` steps and at the end."
         self.model.to(self.device).train()
         end = min(self.config.steps, stop_at or self.config.steps)
-        bar = tqdm(total=end, initial=self.state["step"], disable=(not sys.stderr.isatty()) if self.progress is None else not self.progress,
-                   desc="train", leave=False)
+        quiet = (not sys.stderr.isatty()) if self.progress is None else not self.progress
+        bar = tqdm(total=end, initial=self.state["step"], disable=quiet, desc="train", leave=False)
         while self.state["step"] < end:
             step, started = self.state["step"], time.perf_counter()
-            terms = _train_step(self, step)
+            terms = self._train_step(step)
             if terms is None: bar.n = self.state["step"]; continue
             if self.device.type == "cuda": torch.cuda.synchronize(self.device)
             self.state["train_seconds"] += time.perf_counter() - started
             self.state["step"] = step + 1
             if step % self.config.log_every == 0: self.log.log(step, "train", terms)
-            if self.state["step"] % self.config.eval_every == 0 or self.state["step"] == self.config.steps: _validate(self, self.state["step"])
+            if self.state["step"] % self.config.eval_every == 0 or self.state["step"] == self.config.steps:
+                self._validate(self.state["step"])
             bar.update(1)
         bar.close()
         return copy.deepcopy(self.state)
-
-# %% ../nbs/08_training.ipynb #6564be9c
-def _train_step(self:Trainer, step:int)->dict|None:
-    "One optimizer step on batch `step`; returns the logged loss terms, or None after a rollback."
-    batch = self.sampler[step].to(self.device)
-    self._set_learning_rate(step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.amp and self.device.type == "cuda")
-    with autocast:
-        output = self.model.forward_batch(batch)
-    total, terms = self.losses(step, logits=output.logits.float(), targets=batch.outputs.long(), h=output.h.float(),
-                               groups=batch.composition, z=output.z.float(), h_hat=output.h_hat.float(),
-                               primitive_logits=output.primitive_logits.float(), multi_hot=batch.multi_hot)
-    if not torch.isfinite(total):
-        self._recover(step, "non-finite loss"); return None
-    self.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-    if not torch.isfinite(norm):
-        self._recover(step, "non-finite gradient"); return None
-    self.optimizer.step()
-    if hasattr(self.model, "sae"): self.model.sae.normalize_decoder_()
-    return {**terms, "grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}
-
-def _validate(self:Trainer, step:int):
-    "Evaluate, update history, best checkpoint and time-to-target."
-    metrics = evaluate(self.model, self.validation, self.config.eval_batch_size)
-    record = {"step": step, "train_seconds": self.state["train_seconds"], **metrics}
-    self.state["history"].append(record); self.log.log(step, "val", metrics)
-    for level in self.config.targets:
-        if str(level) not in self.state["targets"] and metrics["iou"] >= level:
-            self.state["targets"][str(level)] = {"step": step, "seconds": self.state["train_seconds"]}
-    if metrics["iou"] > self.state["best_iou"]:
-        self.state.update(best_iou=metrics["iou"], best_step=step)
-        if self.directory: save_checkpoint({"model": self.model.state_dict(), "step": step, "metrics": metrics}, self.directory / "best.pt")
-    self._checkpoint("last")
-    self.log.flush()
