@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['bootstrap_ci', 'difference_ci', 'cohens_d', 'hedges_correction', 'hedges_g', 'cohens_dz', 'Comparison', 'compare',
-           'holm', 'Verdict', 'verdict', 'comparison_table', 'markdown_table', 'plot_comparison']
+           'holm', 'Verdict', 'verdict', 'comparison_table', 'markdown_table', 'compare_methods', 'verdict_rows',
+           'paired_values', 'compare_bases', 'noninferiority', 'retention', 'plot_comparison']
 
 # %% ../nbs/09_stats.ipynb #2cdc6fc4
 import math
@@ -288,6 +289,121 @@ def markdown_table(frame,         # pandas DataFrame (the index is left out)
     align = ["---:" if frame[column].dtype.kind in "iuf" else "---" for column in frame.columns]
     rows = [[_cell(value, digits) for value in row] for row in frame.itertuples(index=False, name=None)]
     return "\n".join("| " + " | ".join(line) + " |" for line in [header, align, *rows])
+
+# %% ../nbs/09_stats.ipynb #e9e9aeb8
+def compare_methods(frame,                     # from `metrics_frame`
+                    treatment:str,             # method under test, e.g. 'proposed'
+                    baselines:list,            # methods it is compared with
+                    metrics:list,              # columns of `frame`
+                    higher_is_better:bool=True,# direction of every metric
+                   )->dict:                    # '<metric>: treatment vs baseline' -> Comparison (one Holm family)
+    "Paired-by-seed one-sided comparisons of `treatment` against each baseline on each metric."
+    family = {}
+    for baseline in baselines:
+        pair = frame[frame.method.isin([treatment, baseline])].pivot(index="seed", columns="method")
+        pair = pair.dropna()
+        if len(pair) < 2: raise ValueError(f"need >= 2 seeds with both {treatment} and {baseline}, got {len(pair)}")
+        for metric in metrics:
+            family[f"{metric}: {treatment} vs {baseline}"] = compare(
+                pair[(metric, treatment)].to_numpy(float), pair[(metric, baseline)].to_numpy(float), paired=True,
+                alternative="greater" if higher_is_better else "less", name=f"{metric}: {treatment} vs {baseline}")
+    return family
+
+def verdict_rows(table,               # from `so8lab.stats.comparison_table`
+                 hypothesis:str,      # e.g. 'H1'
+                 question:str,        # the question, with {comparison} for the row's comparison
+                )->list:              # rows for `write_results`
+    "Summary rows with a computed evidence string for each comparison of `table`."
+    rows = []
+    for _, row in table.iterrows():
+        evidence = (f"Δ={row.difference:+.4g} [{row.difference_low:+.3g}, {row.difference_high:+.3g}], "
+                    f"{row.effect}={row.effect_size:.2f}, p_Holm={row.p_holm:.3g}, seeds {row.seeds}, {row.test}")
+        rows.append({"hypothesis": hypothesis, "question": question.format(comparison=row.comparison),
+                     "verdict": row.verdict, "evidence": evidence, "p_holm": float(row.p_holm),
+                     "difference": float(row.difference), "effect_size": float(row.effect_size)})
+    return rows
+
+# %% ../nbs/09_stats.ipynb #6e12698a
+def paired_values(frame,                          # from `fewshot_frame` (or any frame with these columns)
+                  column:str,                     # the value compared, e.g. 'query_iou'
+                  factor:str,                     # the column that distinguishes the two sides, e.g. 'base_method'
+                  treatment:str,                  # its value on the treatment side, e.g. 'proposed'
+                  baseline:str,                   # its value on the baseline side, e.g. 'B0'
+                  units:tuple=("seed", "composition"), # what pairs a treatment row with a baseline row
+                 )->tuple[np.ndarray, np.ndarray]: # (treatment, baseline) per unit, in unit order
+    "Per-unit means of `column` for `treatment` and `baseline`, aligned by unit."
+    for name in (column, factor, *units):
+        if name not in frame.columns: raise ValueError(f"frame has no column {name!r} (columns: {list(frame.columns)})")
+    means = frame[frame[factor].isin([treatment, baseline])].groupby([*units, factor])[column].mean().unstack(factor)
+    if treatment not in means or baseline not in means: raise ValueError(f"{factor} needs rows of both {treatment!r} and {baseline!r}")
+    means = means.dropna()
+    return means[treatment].to_numpy(float), means[baseline].to_numpy(float)
+
+# %% ../nbs/09_stats.ipynb #413fa79f
+def compare_bases(frame,                           # from `fewshot_frame`
+                  column:str,                      # e.g. 'query_iou' or 'steps_to_gain_0.01'
+                  higher_is_better:bool=True,      # direction of the one-sided test
+                  treatment:str="proposed",        # base method under test
+                  baseline:str="B0",               # reference base method
+                  units:tuple=("seed", "composition"), # pairing unit (see `paired_values`)
+                  label:str="",                    # added to each comparison's name, e.g. ' with lora'
+                 )->dict:                          # {name: Comparison}, one per shot count
+    "Paired one-sided comparisons of two base methods on `column`, one per shot count (mean over other factors)."
+    found, direction = {}, "higher" if higher_is_better else "lower"
+    for shots in sorted(frame.shots.unique()):
+        treated, reference = paired_values(frame[frame.shots == shots], column, "base_method", treatment, baseline, units)
+        name = f"{column} at {shots} shots{label}: {treatment} base vs {baseline} base ({direction} is better)"
+        found[name] = compare(treated, reference, paired=True, alternative="greater" if higher_is_better else "less", name=name)
+    return found
+
+# %% ../nbs/09_stats.ipynb #f8a28521
+def noninferiority(treatment,                  # per-unit values of the cheaper method (e.g. so8 query IoU)
+                   baseline,                   # per-unit values of the reference (e.g. LoRA), same units
+                   margin:float=0.01,          # δ: how much worse still counts as "matching"
+                   alpha:float=0.05,           # significance level
+                   treatment_parameters:int=0, # trainable parameters of the treatment
+                   baseline_parameters:int=1,  # trainable parameters of the baseline
+                   name:str="",                # label of the comparison
+                  )->dict:                     # verdict, p-values, difference, CI, parameter ratio
+    "Paired non-inferiority of `treatment` to `baseline` within `margin`, combined with a parameter-count condition."
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf: raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    treatment, baseline = np.asarray(treatment, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    shifted = compare(treatment + margin, baseline, paired=True, alternative="greater", name=name)
+    worse = compare(treatment + margin, baseline, paired=True, alternative="less")
+    ratio = treatment_parameters / baseline_parameters
+    if ratio >= 1 or worse.p_value < alpha: label = "not supported"
+    elif shifted.p_value < alpha: label = "supported"
+    else: label = "inconclusive"
+    low, high = (x - margin for x in shifted.difference_ci)
+    return {"comparison": name, "verdict": label, "difference": shifted.difference - margin, "difference_low": low,
+            "difference_high": high, "margin": margin, "p_noninferior": shifted.p_value, "p_inferior": worse.p_value,
+            "parameter_ratio": ratio, "units": int(treatment.size), "effect_size": shifted.effect_size}
+
+# %% ../nbs/09_stats.ipynb #5e9a3ccc
+def retention(treatment,                  # per-unit values of the cheaper method (e.g. so8 query IoU)
+              reference,                  # per-unit values of the reference method (e.g. LoRA), same units
+              untreated,                  # per-unit values without adaptation (zero-shot), same units
+              fraction:float=0.5,         # λ: the share of the reference's gain that must be kept
+              alpha:float=0.05,           # significance level
+              treatment_parameters:int=0, # trainable parameters of the treatment
+              reference_parameters:int=1, # trainable parameters of the reference
+              name:str="",                # label of the comparison
+             )->dict:                     # verdict, gains, retained share, p-values, parameter ratio
+    "Does `treatment` keep at least `fraction` of `reference`'s gain over `untreated` (paired), with fewer parameters?"
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1: raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    treatment, reference, untreated = (np.asarray(v, dtype=np.float64) for v in (treatment, reference, untreated))
+    gain, reference_gain = treatment - untreated, reference - untreated
+    sensitivity = compare(reference, untreated, paired=True, alternative="greater")
+    kept = compare(gain, fraction * reference_gain, paired=True, alternative="greater", name=name)
+    short = compare(gain, fraction * reference_gain, paired=True, alternative="less")
+    ratio = treatment_parameters / reference_parameters
+    if ratio >= 1 or short.p_value < alpha: label = "not supported"
+    elif sensitivity.p_value < alpha and kept.p_value < alpha: label = "supported"
+    else: label = "inconclusive"
+    return {"comparison": name, "verdict": label, "treatment_gain": float(gain.mean()), "reference_gain": float(reference_gain.mean()),
+            "retained": float(gain.mean() / reference_gain.mean()) if reference_gain.mean() != 0 else math.nan, "fraction": fraction,
+            "p_reference_gain": sensitivity.p_value, "p_retained": kept.p_value, "p_short": short.p_value,
+            "parameter_ratio": ratio, "units": int(gain.size)}
 
 # %% ../nbs/09_stats.ipynb #42e3e96a
 def plot_comparison(comparison:Comparison, # result of `compare`
