@@ -5,32 +5,32 @@
 # %% auto #0
 __all__ = ['STREAM_STRIDE', 'ADAPTATION_METHODS', 'LEARNING_RATES', 'ADAPTER_OPTIONS', 'ADAPTED_LAYERS', 'FEWSHOT_PRESETS',
            'fewshot_compositions', 'composition_name', 'adaptation_sets', 'adaptable_copy', 'Adaptation', 'adapt',
-           'FewShotPreset', 'get_fewshot_preset', 'fewshot_path', 'fewshot_config', 'run_fewshot', 'replay_adaptation',
-           'fewshot_frame', 'fewshot_records', 'fewshot_study', 'main']
+           'FewShotPreset', 'get_fewshot_preset', 'fewshot_path', 'fewshot_config', 'fewshot_job', 'fewshot_run',
+           'run_fewshot', 'replay_adaptation', 'fewshot_frame', 'fewshot_records', 'fewshot_study']
 
 # %% ../nbs/12_fewshot.ipynb #889afd51
-import argparse, copy, hashlib, json, math, os, sys, time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import copy, hashlib, math, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from .provenance import check_integer, check_number
 from .primitives import composition_from_id, composition_ids
 from .tasks import TaskBatch, random_bits, sample_tasks, split_compositions, stream_key
 from .models import count_parameters
 from .adapters import ADAPTER_KINDS, adapted_layers, attach_adapters, freeze_base
 from .losses import task_loss
 from .training import TrainConfig, evaluate, make_optimizer
-from .experiments import METHODS, default_device, get_preset, load_model, run_config
-from .reports import atomic_write_text, config_hash, environment, git_revision
+from .runner import Job, run_job, run_jobs
+from .experiments import METHODS, Preset, get_preset, load_trained, training_job
 
 # %% ../nbs/12_fewshot.ipynb #42cbc159
 def fewshot_compositions(n:int, # how many held-out compositions (1..120)
                         )->list: # composition ids, the same for every call with the same n
     "The first `n` held-out compositions in a fixed pseudo-random order."
     ids = composition_ids(split_compositions("heldout"))
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(ids): raise ValueError(f"n must be an integer in 1..{len(ids)}, got {n!r}")
+    check_integer(n, "n", 1, len(ids))
     order = random_bits(stream_key("fewshot-compositions"), torch.arange(len(ids)), 1)[:, 0].argsort()
     return ids[order[:n]].tolist()
 
@@ -66,10 +66,10 @@ def adaptation_sets(composition:int,         # a held-out composition id (see `f
                     device="cpu",
                    )->dict:                  # {'support', 'validation', 'query'}: disjoint TaskBatches of `composition`
     "Support, validation and query sets of one held-out composition, drawn from separate streams and disjoint by hash."
-    if isinstance(composition, bool) or not isinstance(composition, int) or composition not in composition_ids(split_compositions("heldout")).tolist():
+    if not isinstance(composition, int) or composition not in composition_ids(split_compositions("heldout")).tolist():
         raise ValueError(f"composition must be a held-out composition id (see fewshot_compositions), got {composition!r}")
     for name, size in (("support_size", support_size), ("validation_size", validation_size), ("query_size", query_size)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1: raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        check_integer(size, name, low=1)
     seen = set()
     return {name: _fresh_samples(size, composition, seed, f"fewshot-{name}", seen, device)
             for name, size in (("support", support_size), ("validation", validation_size), ("query", query_size))}
@@ -132,7 +132,7 @@ def _check_adaptation(model, method, support, validation, query, numbers):
         if name != "support" and not torch.equal(batch.composition[:1].cpu(), support.composition[:1].cpu()):
             raise ValueError(f"{name} holds composition {int(batch.composition[0])} but support holds {int(support.composition[0])}")
     for name, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1: raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_integer(value, name, low=1)
     keys = {name: set(_sample_keys(batch)) for name, batch in (("support", support), ("validation", validation), ("query", query)) if batch is not None}
     for first, second in (("support", "validation"), ("support", "query"), ("validation", "query")):
         shared = len(keys.get(first, set()) & keys.get(second, set()))
@@ -155,8 +155,8 @@ def adapt(model:nn.Module,                  # base model with `forward_batch` (e
     "Adapt a copy of `model` to `support` by `method`, early-stopped and selected on `validation`; report `query`."
     _check_adaptation(model, method, support, validation, query, dict(max_steps=max_steps, patience=patience, eval_every=eval_every))
     learning_rate = LEARNING_RATES[method] if learning_rate is None else learning_rate
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not 0 < learning_rate < math.inf: raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    if any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < 1 for g in gains): raise ValueError(f"gains must be numbers in [0, 1), got {gains!r}")
+    check_number(learning_rate, "learning_rate", low=0, low_open=True)
+    for gain in gains: check_number(gain, "gains", 0, 1, high_open=True)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -214,9 +214,9 @@ class FewShotPreset:
 
     def __post_init__(self):
         for name in ("compositions", "max_steps", "patience", "eval_every", "validation_size", "query_size", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1: raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.shots or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.shots): raise ValueError(f"shots must be positive integers, got {self.shots!r}")
+            check_integer(getattr(self, name), name, low=1)
+        if not self.shots: raise ValueError("shots must be a non-empty tuple of positive integers, got ()")
+        for shots in self.shots: check_integer(shots, "shots", low=1)
         unknown = [m for m in self.adaptation_methods if m not in ADAPTATION_METHODS]
         if not self.adaptation_methods or unknown: raise ValueError(f"adaptation_methods must be a non-empty subset of {ADAPTATION_METHODS}, got {self.adaptation_methods!r}")
         unknown = [m for m in self.base_methods if m not in METHODS]
@@ -269,33 +269,37 @@ def _adapt_composition(model, config:dict, composition:int, device)->tuple[dict,
             results.append({"composition": composition, "shots": shots, **outcome.to_dict()})
     return zero_shot, results
 
-def run_fewshot(base_method:str,              # a key of so8lab.experiments.METHODS (trained under `preset`)
-                seed:int,                     # the base run's seed (also the seed of the adaptation sets)
-                preset:str="cpu",             # experiment preset of the base run; few-shot sizes from FEWSHOT_PRESETS
-                results_dir="runs",           # base runs live here; records go to results_dir/fewshot/
-                device:str|None=None,         # default: cuda if available
+def fewshot_job(base_method:str,               # a key of so8lab.experiments.METHODS (trained under `preset`)
+                seed:int,                       # the base run's seed (also the seed of the adaptation sets)
+                preset:str|Preset="cpu",        # experiment preset of the base run; few-shot sizes from FEWSHOT_PRESETS
+                results_dir="runs",             # base runs live here; records go to results_dir/fewshot/
                 settings:FewShotPreset|None=None, # overrides the preset's few-shot sizes
+               )->Job:
+    "The runner job of the few-shot study of base run (`base_method`, `seed`)."
+    preset = get_preset(preset)
+    settings = settings or get_fewshot_preset(preset.name)
+    if base_method not in METHODS: raise ValueError(f"base_method must be a key of so8lab.experiments.METHODS, got {base_method!r}")
+    base = training_job(base_method, seed, preset, results_dir)
+    return Job(f"{base_method}-seed{seed}", str(fewshot_path(results_dir, base_method, seed)),
+               fewshot_config(base_method, seed, settings, base.digest), fewshot_run, threads=preset.threads, inputs=(base,))
+
+def fewshot_run(job:Job, device:torch.device)->dict:
+    "Adapt the base model of `job` (a `fewshot_job`) to every composition, shot count and method; the record's results."
+    (base,) = job.inputs
+    model = load_trained(base, device)
+    started, zero_shot, adaptations = time.perf_counter(), {}, []
+    for composition in job.config["composition_ids"]:
+        zero_shot[str(composition)], results = _adapt_composition(model, job.config, composition, device)
+        adaptations += results
+    return {"preset": base.config["preset"], "base_parameters": count_parameters(model, trainable_only=False),
+            "zero_shot": zero_shot, "adaptations": adaptations, "total_seconds": time.perf_counter() - started}
+
+def run_fewshot(base_method:str, seed:int, preset:str|Preset="cpu", results_dir="runs", device=None,
+                settings:FewShotPreset|None=None,
                 force:bool=False,             # recompute even if a matching record exists
                )->dict:                       # the few-shot record
-    "Adapt base run (`base_method`, `seed`) to every composition, shot count and method; write or reuse its record."
-    settings = settings or get_fewshot_preset(preset)
-    if base_method not in METHODS: raise ValueError(f"base_method must be a key of so8lab.experiments.METHODS, got {base_method!r}")
-    config = fewshot_config(base_method, seed, settings, config_hash(run_config(base_method, seed, preset)))
-    digest, path = config_hash(config), fewshot_path(results_dir, base_method, seed)
-    if path.exists() and not force:
-        record = json.loads(path.read_text())
-        if record["config_hash"] == digest: return record       # no base checkpoint needed to reuse a record
-    device = torch.device(device or default_device())
-    model = load_model(base_method, seed, preset, results_dir, device)
-    started, zero_shot, adaptations = time.perf_counter(), {}, []
-    for composition in config["composition_ids"]:
-        zero_shot[str(composition)], results = _adapt_composition(model, config, composition, device)
-        adaptations += results
-    record = {**config, "preset": get_preset(preset).name, "config_hash": digest, "git_sha": git_revision(), **environment(),
-              "device_type": device.type, "base_parameters": count_parameters(model, trainable_only=False),
-              "zero_shot": zero_shot, "adaptations": adaptations, "total_seconds": time.perf_counter() - started}
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
-    return record
+    "The few-shot record of base run (`base_method`, `seed`), computed or reused (arguments as in `fewshot_job`)."
+    return run_job(fewshot_job(base_method, seed, preset, results_dir, settings), device, force)
 
 def replay_adaptation(model:nn.Module,         # the record's base model (`load_model(record['base_method'], record['seed'], ...)`)
                       record:dict,             # a few-shot record (`run_fewshot`)
@@ -331,62 +335,34 @@ def fewshot_frame(records:list)->"pd.DataFrame":
     return pd.DataFrame(rows).sort_values(["base_method", "seed", "composition", "shots", "adaptation_method"]).reset_index(drop=True)
 
 # %% ../nbs/12_fewshot.ipynb #2a67d022
-def _study_job(job:tuple)->tuple:
-    "Worker entry point: one base run's study with a share of the CPU threads."
-    base_method, seed, preset, results_dir, device, settings, threads = job
-    torch.set_num_threads(threads)
-    run_fewshot(base_method, seed, preset, results_dir, device, settings)
-    return base_method, seed
-
 def fewshot_records(base_methods=None,          # base runs to adapt; default: the few-shot preset's
                     seeds=None,                 # default: the experiment preset's seeds
-                    preset:str="cpu",           # experiment preset (base runs) and few-shot preset of the same name
+                    preset:str|Preset="cpu",    # experiment preset (base runs) and few-shot preset of the same name
                     results_dir="runs",         # base runs and fewshot/ records
                     compositions:int|None=None, # how many held-out compositions; default: the preset's
                     shots:tuple|None=None,      # support sizes; default: the preset's
                     adaptation_methods:tuple|None=None, # default: the preset's
-                    device:str|None=None,       # default: cuda if available
-                    workers:int=1,              # parallel processes over (base method, seed)
+                    device=None,                # see `so8lab.runner.resolve_device`
+                    workers:int=1,              # worker processes of a local Dask cluster
+                    executor:str|None=None,     # 'inline', 'local' or a Dask scheduler address; None: 'local' when workers > 1
+                    log:bool=False,             # one line per finished study (else a progress bar on a terminal)
                    )->list:                     # records in (base method, seed) order
     "Run (or reuse) the few-shot record of every (base method, seed)."
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(compositions=compositions, shots=shots, adaptation_methods=adaptation_methods).items() if v is not None}
-    settings = replace(get_fewshot_preset(preset), **overrides, **({"base_methods": tuple(base_methods)} if base_methods else {}))
-    seeds = list(get_preset(preset).seeds if seeds is None else seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds): raise ValueError(f"seeds must be non-negative integers, got {seeds!r}")
-    jobs = [(m, s) for m in settings.base_methods for s in seeds]
-    if workers > 1 and len(jobs) > 1:
-        threads, context = max(1, (os.cpu_count() or 1) // workers), torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_study_job, (m, s, preset, str(results_dir), device, settings, threads)) for m, s in jobs]
-            for future in as_completed(futures): future.result()
-    return [run_fewshot(m, s, preset, results_dir, device, settings) for m, s in jobs]
+    preset = get_preset(preset)
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
+                 dict(compositions=compositions, shots=shots, adaptation_methods=adaptation_methods).items() if v is not None}
+    settings = replace(get_fewshot_preset(preset.name), **overrides, **({"base_methods": tuple(base_methods)} if base_methods else {}))
+    seeds = list(preset.seeds if seeds is None else seeds)
+    if not seeds: raise ValueError("seeds must be a non-empty list of non-negative integers, got []")
+    for seed in seeds: check_integer(seed, "seeds", low=0)
+    jobs = [fewshot_job(m, s, preset, results_dir, settings) for m in settings.base_methods for s in seeds]
+    executor = executor or ("local" if workers > 1 else "inline")
+    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} few-shot studies")
 
-def fewshot_study(base_methods=None, seeds=None, preset:str="cpu", results_dir="runs", compositions:int|None=None,
-                  shots:tuple|None=None, adaptation_methods:tuple|None=None, device:str|None=None, workers:int=1,
+def fewshot_study(base_methods=None, seeds=None, preset:str|Preset="cpu", results_dir="runs", compositions:int|None=None,
+                  shots:tuple|None=None, adaptation_methods:tuple|None=None, device=None, workers:int=1,
+                  executor:str|None=None,
                  )->"pd.DataFrame":  # one row per (base method, seed, composition, shots, adaptation method)
     "`fewshot_records` (same arguments) as a table (`fewshot_frame`)."
-    return fewshot_frame(fewshot_records(base_methods, seeds, preset, results_dir, compositions, shots, adaptation_methods, device, workers))
-
-# %% ../nbs/12_fewshot.ipynb #b3f9be8d
-def main(argv:list|None=None)->int:
-    "Command line: run (or reuse) the few-shot records of a preset."
-    parser = argparse.ArgumentParser(prog="python -m so8lab.fewshot", description=main.__doc__)
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--results-dir", default="runs")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--workers", type=int, default=None, help="default: the few-shot preset's")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the preset's seeds")
-    parser.add_argument("--base-methods", nargs="+", default=None, help="default: proposed B0")
-    arguments = parser.parse_args(argv)
-    try: settings = get_fewshot_preset(arguments.preset)
-    except ValueError as error: parser.error(str(error))
-    started = time.perf_counter()
-    records = fewshot_records(arguments.base_methods, arguments.seeds, arguments.preset, arguments.results_dir,
-                              device=arguments.device, workers=arguments.workers or settings.workers)
-    for r in records:
-        means = {m: np.mean([a["query"]["iou"] for a in r["adaptations"] if a["method"] == m]) for m in r["adaptation_methods"]}
-        print(f"{r['base_method']:9} seed {r['seed']}  query IoU " + "  ".join(f"{m} {v:.4f}" for m, v in means.items()))
-    print(f"{len(records)} records, {sum(len(r['adaptations']) for r in records)} adaptations in {time.perf_counter() - started:.1f} s")
-    return 0
-
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())
+    return fewshot_frame(fewshot_records(base_methods, seeds, preset, results_dir, compositions, shots, adaptation_methods,
+                                         device, workers, executor))

@@ -15,6 +15,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import stats
 from scipy.special import gammaln
+from .provenance import check_integer, check_number
 
 # %% ../nbs/09_stats.ipynb #f1419cf8
 def _values(values, name:str)->np.ndarray:
@@ -29,9 +30,7 @@ def _values(values, name:str)->np.ndarray:
 
 def _probability(value, name:str)->float:
     "`value` as a float strictly inside (0, 1), or a ValueError naming `name`."
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-    return float(value)
+    return check_number(value, name, 0, 1, low_open=True, high_open=True)
 
 def _pair(treatment, baseline, paired:bool)->tuple[np.ndarray, np.ndarray]:
     "Checked `treatment` and `baseline`; equal lengths when `paired`."
@@ -47,8 +46,7 @@ def _mean_difference(treatment, baseline, axis=-1): return treatment.mean(axis=a
 
 def _bootstrap(samples, statistic, confidence, n_resamples, seed, method)->tuple[float, float]:
     "Bootstrap interval of `statistic` over `samples` by scipy.stats.bootstrap."
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    check_integer(n_resamples, "n_resamples", low=1)
     result = stats.bootstrap(samples, statistic, n_resamples=int(n_resamples), confidence_level=confidence,
                              method=method, vectorized=True, rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
@@ -104,8 +102,7 @@ def cohens_d(treatment, # per-seed values of the treatment
 def hedges_correction(dof:int, # degrees of freedom n_T + n_B - 2, at least 2
                      )->float: # J(dof) = Γ(dof/2) / (sqrt(dof/2) Γ((dof-1)/2))
     "Exact small-sample bias correction factor J of Hedges' g."
-    if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 2:
-        raise ValueError(f"dof must be an integer >= 2 (at least 4 values in all), got {dof!r}")
+    check_integer(dof, "dof", low=2)   # at least 4 values in all
     return math.exp(gammaln(dof / 2) - gammaln((dof - 1) / 2)) / math.sqrt(dof / 2)
 
 def hedges_g(treatment, # per-seed values of the treatment
@@ -241,7 +238,7 @@ def verdict(comparisons:Comparison|Sequence[Comparison], # one comparison, or on
     family = [comparisons] if single else list(comparisons)
     if not family or not all(isinstance(c, Comparison) for c in family): raise TypeError(f"comparisons must be a Comparison or a non-empty sequence of them, got {comparisons!r}")
     alpha = _probability(alpha, "alpha")
-    if isinstance(min_effect, bool) or not (isinstance(min_effect, (int, float, np.number)) and 0 <= min_effect < math.inf): raise ValueError(f"min_effect must be a finite number >= 0, got {min_effect!r}")
+    check_number(min_effect, "min_effect", low=0)
     directions = [higher_is_better] * len(family) if isinstance(higher_is_better, (bool, np.bool_)) else list(higher_is_better)
     if len(directions) != len(family): raise ValueError(f"higher_is_better needs one value per comparison ({len(family)}), got {len(directions)}")
     short = holm([_shortfall_p(c, bool(h), float(min_effect)) for c, h in zip(family, directions)])
@@ -284,7 +281,7 @@ def markdown_table(frame,         # pandas DataFrame (the index is left out)
                    digits:int=3,  # significant digits of floats
                   )->str:         # GitHub pipe table, numeric columns right-aligned
     "GitHub-flavoured markdown table of `frame`, without the tabulate dependency of DataFrame.to_markdown."
-    if isinstance(digits, bool) or not isinstance(digits, (int, np.integer)) or digits < 1: raise ValueError(f"digits must be a positive integer, got {digits!r}")
+    check_integer(digits, "digits", low=1)
     header = [_cell(str(column), digits) for column in frame.columns]
     align = ["---:" if frame[column].dtype.kind in "iuf" else "---" for column in frame.columns]
     rows = [[_cell(value, digits) for value in row] for row in frame.itertuples(index=False, name=None)]
@@ -366,7 +363,7 @@ def noninferiority(treatment,                  # per-unit values of the cheaper 
                    name:str="",                # label of the comparison
                   )->dict:                     # verdict, p-values, difference, CI, parameter ratio
     "Paired non-inferiority of `treatment` to `baseline` within `margin`, combined with a parameter-count condition."
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf: raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    check_number(margin, "margin", low=0)
     treatment, baseline = np.asarray(treatment, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     shifted = compare(treatment + margin, baseline, paired=True, alternative="greater", name=name)
     worse = compare(treatment + margin, baseline, paired=True, alternative="less")
@@ -390,7 +387,7 @@ def retention(treatment,                  # per-unit values of the cheaper metho
               name:str="",                # label of the comparison
              )->dict:                     # verdict, gains, retained share, p-values, parameter ratio
     "Does `treatment` keep at least `fraction` of `reference`'s gain over `untreated` (paired), with fewer parameters?"
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1: raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    check_number(fraction, "fraction", 0, 1)
     treatment, reference, untreated = (np.asarray(v, dtype=np.float64) for v in (treatment, reference, untreated))
     gain, reference_gain = treatment - untreated, reference - untreated
     sensitivity = compare(reference, untreated, paired=True, alternative="greater")

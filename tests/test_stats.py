@@ -340,7 +340,7 @@ def test_undefined_p_value_is_inconclusive():
 
 @pytest.mark.parametrize("alpha", [0, 1, -0.5, 1.5, float("nan"), True, "0.05"])
 def test_verdict_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="alpha must be in"): verdict(simulate(0.2, True, 0), alpha=alpha)
+    with pytest.raises(ValueError, match="alpha must be a finite number in"): verdict(simulate(0.2, True, 0), alpha=alpha)
 
 
 def test_verdict_other_bad_input():
