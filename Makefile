@@ -8,6 +8,7 @@ PRESET ?= cpu
 STAMP := $(VENV)/.so8lab-installed
 JS := $(VENV)/js
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
 .PHONY: install reports test export lab clean-reports benchmark
 
@@ -19,7 +20,7 @@ $(STAMP): setup.py settings.ini constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.7.1
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	# Offline HTML reports: require.js and the Jupyter widget manager as local copies (so8lab.widgets.export_html reads $(JS))
+	# Offline HTML reports: require.js and the Jupyter widget manager as local copies (so8lab.export.export_html reads $(JS))
 	command -v npm >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm; }
 	npm install --prefix $(JS) --no-audit --no-fund --ignore-scripts --no-package-lock @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8
 	# Browser tests: Debian's chromium, driven by the playwright Python package (which downloads no browser)
@@ -40,5 +41,6 @@ test: install
 benchmark: install
 	$(BIN)/python benchmarks/bench_tasks.py
 
+# JupyterLab serves the repository root, so nbs/ and reports/ are both reachable; as root it needs --allow-root.
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=nbs --ip=127.0.0.1
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --ip=127.0.0.1 $(ALLOW_ROOT)

@@ -1,12 +1,11 @@
 """Tests for so8lab.widgets: the explorers' displayed numbers against references that share no code with them
 (attention indexed by hand from a separate forward pass, scipy.linalg.expm of skew matrices filled by an explicit
-loop, numpy eigenvalues and determinants), and the offline HTML export of notebooks executed by nbclient.
+loop, numpy eigenvalues and determinants), and for so8lab.export: the offline HTML export of notebooks executed by
+nbclient, and of the committed reports.
 `make_report` is also used by tests/test_browser.py. Hypothesis settings come from conftest.py."""
 import itertools
 import json
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from so8lab.plots import PALETTE
 from so8lab.primitives import GRID_SIZE
 from so8lab.tasks import sample_tasks
 from so8lab.training import save_checkpoint
-from so8lab.widgets import (ASSETS_DIRECTORY, AttentionExplorer, RotationExplorer, export_html, grid_colorscale,
-                            javascript_assets)
+from so8lab.export import ASSETS_DIRECTORY, export_html, export_report, javascript_assets
+from so8lab.widgets import AttentionExplorer, RotationExplorer, grid_colorscale
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = list(itertools.combinations(range(8), 2))
@@ -289,15 +288,31 @@ def test_export_errors_name_the_argument(tmp_path, monkeypatch):
     assert not (tmp_path / "x.html").exists()
 
 
-def test_command_line_exports_a_committed_report(tmp_path):
-    notebook = ROOT / "reports" / "H2_few_shot" / "H2_few_shot.ipynb"
-    result = subprocess.run([sys.executable, "-m", "so8lab.widgets", str(notebook), str(tmp_path / "H2.html")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    page = (tmp_path / "H2.html").read_text(encoding="utf-8")
-    assert result.stdout.strip() == str(tmp_path / "H2.html")
+@pytest.mark.parametrize("report, explorer", [("H1_compositional", "so8lab-attention-explorer"),
+                                              ("H2_few_shot", "so8lab-rotation-explorer")])
+def test_export_report_writes_a_committed_report(tmp_path, report, explorer):
+    notebook = ROOT / "reports" / report / f"{report}.ipynb"
+    saved = notebook.read_bytes()
+    assert b"// so8lab: plotly" in saved                                   # the kept report is slimmed
+    written = export_report(notebook, tmp_path / f"{report}.html")
+    assert written == tmp_path / f"{report}.html"
+    page = written.read_text(encoding="utf-8")
     assert script_sources(page) == [f"{ASSETS_DIRECTORY}/require.js"]
-    assert page.count('id="so8lab-module-0"') == 1 and "so8lab-rotation-explorer" in page   # the explorer's module, restored once
+    assert page.count('id="so8lab-module-0"') == 1 and explorer in page   # the explorer's module, restored once
     assert "// so8lab: plotly" not in page
-    missing = subprocess.run([sys.executable, "-m", "so8lab.widgets", str(tmp_path / "none.ipynb"), str(tmp_path / "none.html")],
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "notebook_path" in missing.stderr and not (tmp_path / "none.html").exists()
+    for name, source in javascript_assets().items():
+        assert (tmp_path / ASSETS_DIRECTORY / name).read_bytes() == source.read_bytes()
+    assert notebook.read_bytes() == saved                                  # and stays slimmed
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_report_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="notebook_path"): export_report(tmp_path / "none.ipynb", tmp_path / "none.html")
+    (tmp_path / "notes.ipynb").write_text("not a notebook", encoding="utf-8")
+    with pytest.raises(ValueError, match="notebook_path .* is not a Jupyter notebook"): export_report(tmp_path / "notes.ipynb", tmp_path / "notes.html")
+    (tmp_path / "list.ipynb").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="notebook_path .* is not a Jupyter notebook"): export_report(tmp_path / "list.ipynb", tmp_path / "list.html")
+    (tmp_path / "notes.txt").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="notebook_path must be a .ipynb file"): export_report(tmp_path / "notes.txt", tmp_path / "notes.html")
+    with pytest.raises(ValueError, match="html_path must end in .html"): export_report(ROOT / "reports" / "H1_compositional" / "H1_compositional.ipynb", tmp_path / "x.htm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.ipynb", "notes.ipynb", "notes.txt"]   # no page, no _static/
