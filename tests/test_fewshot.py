@@ -14,8 +14,9 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 from so8lab.adapters import ADAPTER_KINDS, adapted_layers, detach_adapters
-from so8lab.fewshot import (ADAPTATION_METHODS, FEWSHOT_PRESETS, STREAM_STRIDE, adapt, adaptation_sets, compare_bases,
-                            fewshot_compositions, fewshot_path, fewshot_study, noninferiority, paired_values, retention)
+from so8lab.fewshot import (ADAPTATION_METHODS, FEWSHOT_PRESETS, STREAM_STRIDE, adapt, adaptation_sets, fewshot_compositions,
+                            fewshot_path, fewshot_study)
+from so8lab.stats import compare_bases, noninferiority, paired_values, retention
 from so8lab.models import GridModel, ModelConfig
 from so8lab.primitives import composition_from_id
 from so8lab.tasks import sample_tasks, split_compositions
@@ -319,7 +320,8 @@ def copy_runs(source, destination):
 
 def test_parallel_study_equals_sequential_and_reuses_records(smoke_runs, tmp_path):
     sequential = fewshot_study(["B0"], [0, 1], "smoke", copy_runs(smoke_runs, tmp_path / "a"), device="cpu")
-    parallel = fewshot_study(["B0"], [0, 1], "smoke", copy_runs(smoke_runs, tmp_path / "b"), device="cpu", workers=2)
+    parallel = fewshot_study(["B0"], [0, 1], "smoke", copy_runs(smoke_runs, tmp_path / "b"), device="cpu", workers=2,
+                             executor="local")          # a Dask LocalCluster of two worker processes
     settings_ = FEWSHOT_PRESETS["smoke"]
     assert len(sequential) == 2 * settings_.compositions * len(settings_.shots) * len(settings_.adaptation_methods)
     columns = [c for c in sequential.columns if c != "wall_seconds"]
@@ -329,7 +331,7 @@ def test_parallel_study_equals_sequential_and_reuses_records(smoke_runs, tmp_pat
     assert again.equals(parallel) and not (tmp_path / "b" / "checkpoints").exists()
     record = json.loads(fewshot_path(tmp_path / "b", "B0", 1).read_text())
     assert record["seed"] == 1 and record["device_type"] == "cpu" and len(record["config_hash"]) == 16
-    assert not [p for p in (tmp_path / "b" / "fewshot").iterdir() if p.suffix != ".json"]
+    assert not [p for p in (tmp_path / "b" / "fewshot").iterdir() if p.suffix != ".json" and p.name != ".locks"]
 
 
 def test_censored_steps_are_max_steps(smoke_runs, tmp_path):
@@ -342,14 +344,15 @@ def test_censored_steps_are_max_steps(smoke_runs, tmp_path):
 
 def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "so8lab.fewshot", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "so8lab.reports", "fewshot", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_command_line(smoke_runs, tmp_path):
     directory = copy_runs(smoke_runs, tmp_path / "d")
     result = cli("--preset", "smoke", "--results-dir", str(directory), "--seeds", "0", "--base-methods", "B0", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 records, 2 adaptations" in result.stdout
+    assert "B0        seed 0  2 adaptations" in result.stdout and "1 records in" in result.stdout
     assert fewshot_path(directory, "B0", 0).exists()
     bad = cli("--preset", "huge", "--results-dir", str(directory))
     assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr

@@ -1,5 +1,6 @@
-"""Papermill templates and the command lines: parameters cells, subprocess runs, atomic report directories."""
-import json, os, re, subprocess, sys
+"""Papermill templates and the so8lab command line: parameters cells, subprocess runs, atomic report directories,
+one-line errors for bad arguments."""
+import json, os, re, subprocess, sys, tempfile
 from pathlib import Path
 import nbformat
 import pytest
@@ -29,16 +30,20 @@ def test_registered_reports_point_at_templates():
         assert Path(path).stem == name
 
 
-def run(*args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def so8lab(*args, cwd=ROOT, timeout=600):
+    "Run the so8lab command line (`python -m so8lab.reports` is the installed `so8lab` script)."
+    return subprocess.run([sys.executable, "-m", "so8lab.reports", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_main_job_runs_data_report_atomically(tmp_path):
     out = tmp_path / "reports"
-    result = run("-m", "so8lab.reports", "--preset", "smoke", "--only", "00_data", "--out", str(out))
+    result = so8lab("report", "--preset", "smoke", "--only", "00_data", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "00_data: rendering" in result.stdout and re.search(r"00_data: .*00_data \(\d+ s\)", result.stdout)
     report = out / "00_data"
-    assert {"00_data.ipynb", "00_data.html", "_static", "results.json", "primitives.png", "heldout_compositions.png"} <= {p.name for p in report.iterdir()}
+    assert {"00_data.ipynb", "00_data.html", "_static", "results.json", "render.json", "primitives.png",
+            "heldout_compositions.png"} <= {p.name for p in report.iterdir()}
     page = (report / "00_data.html").read_text(encoding="utf-8")
     assert re.findall(r"<script\b[^>]*\bsrc\s*=\s*[\"']?([^\"' >]+)", page) == ["_static/require.js"]
     assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == 3   # its three figures are inside the page
@@ -47,46 +52,60 @@ def test_main_job_runs_data_report_atomically(tmp_path):
     for path in (report, report / "results.json", report / "00_data.ipynb", report / "00_data.html"):
         assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     saved = json.loads((report / "results.json").read_text())
-    assert saved["report"] == "00_data" and saved["config"]["preset"] == "smoke" and len(saved["git_sha"]) >= 7
-    assert (out / "summary.md").exists()
+    assert saved["report"] == "00_data" and saved["config"]["preset"] == "smoke" and saved["git_sha"] != "unknown"
+    summary = (out / "summary.md").read_text()
+    assert f"| {saved['git_sha']} |" in summary                              # the full identity, '-dirty' included
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+    # another preset into the same folder is refused (the summary would mix them), then allowed with --replace
+    clash = so8lab("report", "--preset", "cpu", "--only", "00_data", "--out", str(out), "--no-html")
+    assert clash.returncode == 2 and "holds reports of another preset: 00_data (smoke)" in clash.stderr
+    assert json.loads((report / "render.json").read_text())["preset"] == "smoke"
 
 
-def test_bad_parameter_names_are_refused_and_leave_nothing(tmp_path):
+def test_a_failing_report_leaves_reports_untouched_and_nothing_in_tmp(tmp_path):
     out = tmp_path / "reports"
-    result = run("-m", "so8lab.reports", "--preset", "smoke", "--only", "00_data", "--out", str(out), "-p", "sead=3")
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("so8lab-failed-*")}
+    result = so8lab("report", "--preset", "smoke", "--only", "00_data", "--out", str(out), "-p", "seed=\"x\"")
     assert result.returncode != 0
-    assert "parameters ['sead'] are not declared" in result.stderr
-    assert not out.exists() or not any(out.iterdir())
-
-
-def test_a_failing_report_leaves_reports_untouched(tmp_path):
-    out = tmp_path / "reports"
-    result = run("-m", "so8lab.reports", "--preset", "smoke", "--only", "00_data", "--out", str(out), "-p", "seed=\"x\"")
-    assert result.returncode != 0
-    assert "report 00_data failed; partial output kept in" in result.stderr
+    assert f"report 00_data failed; partial output kept in {out.resolve() / '.failed' / '00_data'}" in result.stderr
     assert not (out / "00_data").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".failed"]
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("so8lab-failed-*")} == before
 
 
-def test_unknown_preset_is_refused():
-    result = run("-m", "so8lab.reports", "--preset", "huge", "--only", "00_data")
-    assert result.returncode == 2 and "invalid choice: 'huge'" in result.stderr
+BAD = [(["run", "--seeds", "-1"], "argument --seeds"),
+       (["run", "--device", "tpu"], "argument --device: device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+       (["run", "--workers", "0"], "argument --workers: must be a positive integer, got '0'"),
+       (["run", "--methods", "B9"], "argument --methods: unknown method(s) ['B9']"),
+       (["run", "--preset", "huge"], "argument --preset: unknown preset 'huge'"),
+       (["run", "--executor", "nowhere"], "argument --executor: executor must be"),
+       (["fewshot", "--base-methods", "nope"], "argument --base-methods: unknown method(s) ['nope']"),
+       (["report", "-p", "bogus=1"], "argument -p: ['bogus'] are not parameters of the chosen reports"),
+       (["report", "-p", "preset=nope"], "argument -p: ['preset'] are set by --preset and --out"),
+       (["report", "--only", "H9"], "argument --only: unknown report(s) ['H9']"),
+       (["report", "--only", "00_data", "-p", "sead=3"], "argument -p: ['sead'] are not parameters"),
+       (["list", "--results-dir", "no/such/folder"], "argument --results-dir: no/such/folder does not exist")]
+if not __import__("torch").cuda.is_available():
+    BAD.append((["run", "--device", "cuda"], "argument --device: device 'cuda' is not available"))
 
 
-def test_cli_rejects_unknown_methods_and_presets(tmp_path):
-    result = run("-m", "so8lab.experiments", "run", "--methods", "B9", "--preset", "smoke", "--results-dir", str(tmp_path))
-    assert result.returncode == 2 and "unknown method(s) ['B9']" in result.stderr
-    result = run("-m", "so8lab.experiments", "run", "--preset", "huge", "--results-dir", str(tmp_path))
-    assert result.returncode == 2 and "unknown preset 'huge'" in result.stderr
+@pytest.mark.parametrize("argv, message", BAD, ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_arguments_get_one_line_naming_them(argv, message, tmp_path):
+    result = so8lab(*argv, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())                                      # nothing ran, nothing was written
 
 
-def test_cli_runs_and_lists_a_smoke_run(tmp_path):
-    result = run("-m", "so8lab.experiments", "run", "--methods", "B0", "--seeds", "3", "--preset", "smoke",
-                 "--results-dir", str(tmp_path), "--device", "cpu")
+def test_command_line_runs_and_lists_where_the_reports_look(tmp_path):
+    result = so8lab("run", "--methods", "B0", "--seeds", "3", "--preset", "smoke", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "records" / "B0-seed3.json").read_text())
+    record = json.loads((tmp_path / "reports" / "runs" / "smoke" / "records" / "B0-seed3.json").read_text())
     assert (record["method"], record["seed"], record["preset"]) == ("B0", 3, "smoke")
     assert set(record["metrics"]) == {"val", "heldout", "heldout_any"}
-    listing = run("-m", "so8lab.experiments", "list", "--results-dir", str(tmp_path))
+    assert "smoke training runs 1/1: B0-seed3 done" in result.stderr
+    listing = so8lab("list", cwd=tmp_path)                                   # default: every reports/…/runs/<preset>
     assert listing.returncode == 0 and "B0" in listing.stdout and "seed 3" in listing.stdout
+    empty = tmp_path / "empty"; empty.mkdir()
+    nothing = so8lab("list", "--results-dir", str(empty), cwd=tmp_path)
+    assert nothing.returncode == 0 and f"no records under {empty}" in nothing.stdout
