@@ -114,7 +114,7 @@ def test_paired_tasks_max_compositions():
     (dict(split="heldout", inputs_per_group=2, compositions=[[50, 51]]), "compositions must be at least 2 distinct"),
     (dict(split="val", inputs_per_group=2, compositions=[0, 60]), "not compositions of this split"),
     (dict(split="heldout", inputs_per_group=2, max_compositions=1), "max_compositions must be an integer >= 2"),
-    (dict(split="train2", inputs_per_group=2), "unknown split"),
+    (dict(split="train2", inputs_per_group=2), r"split must be one of \[.*\], got 'train2'"),
 ])
 def test_paired_tasks_errors(arguments, message):
     with pytest.raises(ValueError, match=message):
