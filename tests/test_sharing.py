@@ -280,8 +280,8 @@ def test_invariant_to_rotation_and_scale_of_h(seed, scale):
     (dict(k=0), ValueError, r"k must be an integer in 1\.\.24"),
     (dict(k=25), ValueError, r"k must be an integer in 1\.\.24"),
     (dict(k=4.0), ValueError, "k must be an integer"),
-    (dict(k=4, min_group_size=4), ValueError, r"min_group_size must be an integer >= k \+ 1 = 5"),
-    (dict(k=4, fdr=0), ValueError, r"fdr must be in \(0, 1\)"),
+    (dict(k=4, min_group_size=4), ValueError, r"min_group_size must be an integer >= 5, got 4"),
+    (dict(k=4, fdr=0), ValueError, r"fdr must be a finite number in \(0, 1\), got 0"),
     (dict(k=4, min_group_size=41), ValueError, "need at least 2 composition groups with >= min_group_size=41"),
 ])
 def test_sharing_metrics_errors(shared, arguments, error, message):
