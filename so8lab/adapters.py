@@ -16,20 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from .kernels import block_rotation, rotation_matrices
+from .provenance import check_choice, check_integer, check_number
 from .rotations import is_orthogonal
 
 # %% ../nbs/07_adapters.ipynb #9dae4ec2
 def _check_width(d, name:str="d")->int:
     "Number of 8-blocks of width `d`; ValueError naming `name` unless `d` is a positive multiple of 8."
-    if isinstance(d, bool) or not isinstance(d, int) or d <= 0 or d % 8:
+    if check_integer(d, name, low=1) % 8:
         raise ValueError(f"{name} must be a positive multiple of 8, got {d!r} (the width is split into 8-dimensional blocks)")
     return d // 8
-
-def _check_positive(value, name:str, integer:bool=False):
-    "ValueError naming `name` unless `value` is a finite positive number (an int if `integer`)."
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 def _check_input(x, d:int, ndims=None):
     "TypeError/ValueError naming `x` unless it is a float tensor [..., d] (with a number of dimensions in `ndims`)."
@@ -46,8 +41,7 @@ class SO8Rotation(nn.Module):
                 ):
         super().__init__()
         self.d, self.blocks = d, _check_width(d)
-        if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not 0 < gate_init <= 1:
-            raise ValueError(f"gate_init must be in (0, 1] (at g = 0 neither A nor g gets a gradient), got {gate_init!r}")
+        check_number(gate_init, "gate_init", low=0, high=1, low_open=True)   # at g = 0 neither A nor g gets a gradient
         self.coordinates = nn.Parameter(torch.zeros(self.blocks, 28))   # so(8) coordinates of A_i
         gate = torch.full((self.blocks,), float(gate_init))
         if learn_gate: self.gate = nn.Parameter(gate)
@@ -81,8 +75,8 @@ class LightweightSO8Adapter(nn.Module):
                 ):
         super().__init__()
         self.d, self.blocks = d, _check_width(d)
-        _check_positive(num_sets, "num_sets", integer=True); _check_positive(temperature, "temperature")
-        if mode not in SELECTION_MODES: raise ValueError(f"mode must be one of {SELECTION_MODES}, got {mode!r}")
+        check_integer(num_sets, "num_sets", low=1); check_number(temperature, "temperature", low=0, low_open=True)
+        check_choice(mode, "mode", SELECTION_MODES)
         self.num_sets, self.mode, self.temperature, self.generator = num_sets, mode, float(temperature), generator
         self.coordinates = nn.Parameter(torch.zeros(num_sets, self.blocks, 28))
         self.selector = nn.Linear(d, num_sets)
@@ -125,9 +119,9 @@ class SO8VisualAdapter(nn.Module):
                  gate_init:float=1.0,         # initial gate of the rotation (see `SO8Rotation`)
                 ):
         super().__init__()
-        _check_width(d); _check_positive(in_dim, "in_dim", integer=True)
+        _check_width(d); check_integer(in_dim, "in_dim", low=1)
         hidden = d if hidden is None else hidden
-        _check_positive(hidden, "hidden", integer=True)
+        check_integer(hidden, "hidden", low=1)
         self.features = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.LayerNorm(hidden))
         self.projection, self.rotation, self.norm = nn.Linear(hidden, d), SO8Rotation(d, gate_init), nn.LayerNorm(d)
 
@@ -163,8 +157,8 @@ class LoRA(_Mergeable):
                  alpha:float|None=None,         # scale numerator: the update is multiplied by alpha/r; None = r
                 ):
         super().__init__()
-        _check_linear(base); _check_positive(r, "r", integer=True)
-        if alpha is not None: _check_positive(alpha, "alpha")
+        _check_linear(base); check_integer(r, "r", low=1)
+        if alpha is not None: check_number(alpha, "alpha", low=0, low_open=True)
         self.base, self.r, self.alpha = base, r, float(r if alpha is None else alpha)
         self.scale = self.alpha / r
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -261,7 +255,7 @@ def attach_adapters(model:nn.Module,                                # e.g. a `Gr
                     **options,                                      # adapter options: r, alpha (lora); gate_init, learn_gate (so8); num_sets, mode, temperature, generator (lightweight_so8)
                    )->nn.Module:                                    # `model`, modified in place
     "Wrap the linear layers `where` of `model` with adapters of `kind` that start as the exact identity."
-    if kind not in ADAPTER_KINDS: raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {kind!r}")
+    check_choice(kind, "kind", ADAPTER_KINDS)
     names = (where,) if isinstance(where, str) else tuple(where)
     if not names: raise ValueError("where must name at least one nn.Linear layer")
     wrappers = {}

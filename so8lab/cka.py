@@ -9,6 +9,7 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from .provenance import check_choice, check_integer, check_number
 
 # %% auto #0
 __all__ = ['linear_cka', 'StreamingCKA', 'cka_matrix', 'plot_cka_matrix', 'principal_angles', 'SubspaceDistance',
@@ -112,7 +113,7 @@ class StreamingCKA:
                  debiased:bool=False,  # unbiased HSIC_1 (Song et al. 2012); mode="minibatch" requires it
                  mode:str="exact",     # "exact": full-sample CKA from moments; "minibatch": mean of per-batch HSIC_1
                 ):
-        if mode not in ("exact", "minibatch"): raise ValueError(f"mode must be 'exact' or 'minibatch', got {mode!r}")
+        check_choice(mode, "mode", ("exact", "minibatch"))
         if mode == "minibatch" and not debiased: raise ValueError("mode='minibatch' averages unbiased HSIC: pass debiased=True")
         self.debiased, self.mode, self.n, self.batches, self._sums, self._shift = debiased, mode, 0, 0, None, None
 
@@ -210,7 +211,7 @@ class SubspaceDistance:
 
 def _principal_subspace(X:np.ndarray, k:int, name:str)->tuple[np.ndarray, float]:
     "Orthonormal basis [d, k] of the top-k principal subspace of `X`, and its eigengap σ_k − σ_{k+1}."
-    if not 1 <= k <= min(X.shape): raise ValueError(f"k must be in 1..min(n, d) = {min(X.shape)} for {name}, got {k}")
+    check_integer(k, f"k for {name}", low=1, high=min(X.shape))   # at most min(n, d)
     _, singular, vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
     singular = np.append(singular / np.sqrt(max(len(X) - 1, 1)), 0.)
     return vt[:k].T, float(singular[k - 1] - singular[k])
@@ -221,7 +222,7 @@ def grassmann_distance(X,                    # [nx, d] representation
                        kind:str="geodesic",  # "geodesic" (‖θ‖₂) or "chordal" (‖sin θ‖₂)
                       )->SubspaceDistance:
     "Grassmann distance between the top-`k` PCA subspaces of `X` and `Y` (in feature space)."
-    if kind not in ("geodesic", "chordal"): raise ValueError(f"kind must be 'geodesic' or 'chordal', got {kind!r}")
+    check_choice(kind, "kind", ("geodesic", "chordal"))
     X, Y = _as_matrix(X, "X"), _as_matrix(Y, "Y")
     if X.shape[1] != Y.shape[1]: raise ValueError(f"X and Y must have the same number of features, got {X.shape[1]} and {Y.shape[1]}")
     (U, gap_x), (V, gap_y) = _principal_subspace(X, k, "X"), _principal_subspace(Y, k, "Y")
@@ -291,7 +292,7 @@ def train_probe(features,                 # [n, d] representation
     "Fit a multi-label logistic-regression probe with an L2 penalty by full-batch float64 L-BFGS."
     x = torch.from_numpy(_as_matrix(features, "features"))
     y = torch.from_numpy(_as_labels(labels, "labels", len(x)))
-    if weight_decay < 0: raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    check_number(weight_decay, "weight_decay", low=0)
     mean, scale = x.mean(0), x.var(0).mean().sqrt()
     if not scale > 0: raise ValueError("features has no variance")
     weight, bias = _fit_logistic((x - mean) / scale, y, weight_decay, max_iterations, seed)
@@ -371,7 +372,7 @@ def unit_statistics(activations,              # [n, units] sparse codes z
     (n, units), width = z.shape, y.shape[1]
     names = list(range(width)) if label_names is None else list(label_names)
     if len(names) != width: raise ValueError(f"label_names must have {width} entries, got {len(names)}")
-    if n_permutations < 1: raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    check_integer(n_permutations, "n_permutations", low=1)
     columns = {k: v.ravel() for k, v in _unit_label_statistics(z, y, n_permutations, seed).items()}
     active = z > threshold
     return pd.DataFrame({"unit": np.repeat(np.arange(units), width), "label": names * units,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .provenance import check_choice
 from .rotations import expm_so8, vec_to_skew
 
 try:
@@ -271,7 +272,7 @@ class _RotationMatrices(torch.autograd.Function):
 
 def _use_triton(backend, tensor, supported=True):
     "Resolve `backend` ('auto', 'triton' or 'reference') for `tensor`."
-    if backend not in ("auto", "triton", "reference"): raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    check_choice(backend, "backend", ("auto", "triton", "reference"))
     if backend == "reference": return False
     if backend == "auto": return HAS_TRITON and tensor.is_cuda and supported
     if not HAS_TRITON: raise RuntimeError("backend='triton' needs the triton package")

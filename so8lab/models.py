@@ -15,23 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from .primitives import GRID_SIZE, MAX_COLORS, MAX_PROGRAM_LENGTH, PRIMITIVES, TOKENS_PER_STEP, VOCABULARY, check_grid
+from .provenance import check_choice, check_integer, check_number
 from .tasks import TaskBatch
 
 # %% ../nbs/05_models.ipynb #328d9e58
 ENCODERS = ("transformer", "gru")
 CONDITIONINGS = ("program", "demo", "none")
 FUSIONS = ("concat", "cross_attention")
-
-def _check_integer(value, name:str, low:int, high:int|None=None):
-    "Raise a ValueError naming `name` unless `value` is an int in low..high."
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be an integer {f'in {low}..{high}' if high is not None else f'>= {low}'}, got {value!r}")
-
-def _check_number(value, name:str, low:float, high:float|None, low_inclusive:bool):
-    "Raise a ValueError naming `name` unless `value` is a real number in the interval."
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if not ok or (high is not None and not value < high):
-        raise ValueError(f"{name} must be a number in {'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}), got {value!r}")
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -53,15 +43,15 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, options in (("encoder", ENCODERS), ("conditioning", CONDITIONINGS), ("fusion", FUSIONS)):
-            if getattr(self, name) not in options: raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+            check_choice(getattr(self, name), name, options)
         for name, low, high in (("num_colors", 2, MAX_COLORS), ("d_model", 1, None), ("bottleneck_dim", 1, None),
                                 ("layers", 2, 4), ("heads", 1, None), ("sae_width", 1, None),
                                 ("program_layers", 0, 4), ("decoder_layers", 0, 4)):
-            _check_integer(getattr(self, name), name, low, high)
+            check_integer(getattr(self, name), name, low=low, high=high)
         if self.d_model % self.heads: raise ValueError(f"d_model must be divisible by heads, got d_model={self.d_model}, heads={self.heads}")
-        if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size not in (1, 2): raise ValueError(f"patch_size must be 1 or 2, got {self.patch_size!r}")
-        _check_number(self.mlp_ratio, "mlp_ratio", 0, None, low_inclusive=False)
-        _check_number(self.dropout, "dropout", 0, 1, low_inclusive=True)
+        check_choice(self.patch_size, "patch_size", (1, 2))
+        check_number(self.mlp_ratio, "mlp_ratio", low=0, low_open=True)
+        check_number(self.dropout, "dropout", low=0, high=1, high_open=True)
 
     @property
     def cells(self)->int: return (GRID_SIZE // self.patch_size) ** 2  # query tokens per grid
@@ -170,7 +160,7 @@ class SparseAutoencoder(nn.Module):
     "Sparse autoencoder on h: z = ReLU(W_enc(h − b_dec) + b_enc), ĥ = W_dec z + b_dec, unit-norm decoder columns."
     def __init__(self, dim:int, width:int):
         super().__init__()
-        _check_integer(dim, "dim", 1); _check_integer(width, "width", 1)
+        check_integer(dim, "dim", low=1); check_integer(width, "width", low=1)
         atoms = torch.randn(dim, width)
         self.decoder_weight = nn.Parameter(atoms / atoms.norm(dim=0, keepdim=True))  # [dim, width], columns = atoms
         self.encoder_weight = nn.Parameter(self.decoder_weight.detach().T.clone())   # [width, dim]

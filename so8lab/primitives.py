@@ -14,6 +14,7 @@ __all__ = ['GRID_SIZE', 'DEFAULT_COLORS', 'MAX_COLORS', 'PRIMITIVES', 'PRIMITIVE
 from typing import NamedTuple
 import torch
 import torch.nn.functional as F
+from .provenance import check_choice, check_integer
 
 # %% ../nbs/01_primitives.ipynb #4538d6b9
 GRID_SIZE = 8        # grids are GRID_SIZE × GRID_SIZE
@@ -31,8 +32,7 @@ def check_grid(grid:torch.Tensor,                # candidate grid(s), shape [...
         raise TypeError(f"{name} must have an integer dtype (uint8 recommended), got {grid.dtype}")
     if grid.ndim < 2 or tuple(grid.shape[-2:]) != (GRID_SIZE, GRID_SIZE):
         raise ValueError(f"{name} must have shape [..., {GRID_SIZE}, {GRID_SIZE}], got {tuple(grid.shape)}")
-    if isinstance(num_colors, bool) or not isinstance(num_colors, int) or not 1 < num_colors <= MAX_COLORS:
-        raise ValueError(f"num_colors must be an integer in 2..{MAX_COLORS}, got {num_colors!r}")
+    check_integer(num_colors, "num_colors", low=2, high=MAX_COLORS)
     if grid.numel() and (int(grid.min()) < 0 or int(grid.max()) >= num_colors):
         raise ValueError(f"{name} has colours outside 0..{num_colors-1} (min {int(grid.min())}, max {int(grid.max())})")
     return grid
@@ -129,27 +129,16 @@ def apply_steps(grids:torch.Tensor,     # [B, 8, 8] integer grids
 # %% ../nbs/01_primitives.ipynb #a0efd4da
 def _check_parameters(name:str, params:dict, num_colors:int)->tuple[int, int]:
     "Validate the keyword parameters of primitive `name` and encode them as (p1, p2)."
-    if name not in PRIMITIVE_INDEX: raise ValueError(f"unknown primitive name {name!r}; expected one of {PRIMITIVES}")
+    check_choice(name, "primitive name", PRIMITIVES)
     expected = PARAMETER_NAMES[name]
     missing, unknown = [p for p in expected if p not in params], [p for p in params if p not in expected]
     if missing: raise TypeError(f"{name} is missing parameter(s) {missing}; it takes {list(expected)}")
     if unknown: raise TypeError(f"{name} got unexpected parameter(s) {unknown}; it takes {list(expected)}")
-    def colour(p):
-        value = params[p]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_colors:
-            raise ValueError(f"{name} parameter {p} must be a colour in 0..{num_colors-1}, got {value!r}")
-        return value
-    if name == "ROT90":
-        if type(params["k"]) is not int or params["k"] not in (1, 2, 3): raise ValueError(f"ROT90 parameter k must be 1, 2 or 3, got {params['k']!r}")
-        return params["k"], 0
-    if name == "FLIP":
-        if not isinstance(params["horizontal"], bool): raise ValueError(f"FLIP parameter horizontal must be a bool, got {params['horizontal']!r}")
-        return int(params["horizontal"]), 0
+    def colour(p): return check_integer(params[p], f"{name} parameter {p}", low=0, high=num_colors - 1)
+    if name == "ROT90": return check_choice(params["k"], "ROT90 parameter k", (1, 2, 3)), 0
+    if name == "FLIP": return int(check_choice(params["horizontal"], "FLIP parameter horizontal", (False, True))), 0
     if name == "SHIFT":
-        dx, dy = params["dx"], params["dy"]
-        for p, v in (("dx", dx), ("dy", dy)):
-            if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_SHIFT:
-                raise ValueError(f"SHIFT parameter {p} must be an integer in -{MAX_SHIFT}..{MAX_SHIFT}, got {v!r}")
+        dx, dy = (check_integer(params[p], f"SHIFT parameter {p}", low=-MAX_SHIFT, high=MAX_SHIFT) for p in ("dx", "dy"))
         if dx == dy == 0: raise ValueError("SHIFT parameters dx and dy must not both be 0")
         return dx, dy
     first, second = expected if len(expected) == 2 else (expected[0], None)
@@ -247,8 +236,7 @@ def composition_id(names:tuple)->int:
 
 def composition_from_id(index:int)->tuple:
     "Inverse of `composition_id`."
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < NUM_COMPOSITIONS:
-        raise ValueError(f"index must be an integer in 0..{NUM_COMPOSITIONS-1}, got {index!r}")
+    index = check_integer(index, "index", low=0, high=NUM_COMPOSITIONS - 1)
     length = max(l for l in (1, 2, 3) if _OFFSETS[l] <= index)
     number, names = index - _OFFSETS[length], []
     for _ in range(length): number, d = divmod(number, len(PRIMITIVES)); names.append(PRIMITIVES[d])

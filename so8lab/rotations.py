@@ -9,6 +9,7 @@ __all__ = ['vec_to_skew', 'skew_to_vec', 'orthogonality_error', 'is_orthogonal',
 # %% ../nbs/03_rotations.ipynb #db94e259
 import math
 import torch
+from .provenance import check_integer
 
 # %% ../nbs/03_rotations.ipynb #428adf76
 def _check_tensor(x, name:str, trailing:tuple, floating:bool=True):
@@ -76,8 +77,7 @@ def expm_so8(A:torch.Tensor,         # [..., 8, 8] skew-symmetric, float32 or fl
             )->torch.Tensor:         # [..., 8, 8] exp(A) ∈ SO(8)
     "exp(`A`) by Taylor scaling and squaring with the squaring count chosen on the device (no host sync)."
     _check_tensor(A, "A", (8, 8))
-    if not isinstance(max_squarings, int) or max_squarings < 0:
-        raise ValueError(f"max_squarings must be a non-negative int, got {max_squarings!r}")
+    max_squarings = check_integer(max_squarings, "max_squarings", low=0)
     s = torch.ceil(torch.log2(torch.linalg.matrix_norm(A.detach()))).clamp(0, max_squarings)
     T = _taylor_exp(A * torch.exp2(-s)[..., None, None])
     square = s[..., None] > torch.arange(max_squarings, device=A.device)    # [..., max_squarings] masks, one kernel
@@ -99,7 +99,7 @@ def random_rotation(*shape:int,                          # batch shape; none for
                     device:torch.device|str|None=None,   # None = the default device
                    )->torch.Tensor:                      # [*shape, 8, 8] Haar-distributed on SO(8)
     "Haar-random elements of SO(8): QR of a Gaussian matrix with the signs and the determinant fixed."
-    if not all(isinstance(n, int) and n >= 0 for n in shape): raise ValueError(f"shape must be non-negative ints, got {shape}")
+    shape = tuple(check_integer(n, f"shape[{i}]", low=0) for i, n in enumerate(shape))
     if dtype not in (torch.float32, torch.float64): raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     Q, R = torch.linalg.qr(torch.randn(*shape, 8, 8, generator=generator, dtype=dtype, device=device))
     Q = Q * torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(dtype)[..., None, :]

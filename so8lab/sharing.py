@@ -11,6 +11,7 @@ import torch
 from .cka import cka_matrix, principal_angles, probe_transfer, unit_statistics
 from .models import GridModel
 from .primitives import composition_from_id, composition_ids
+from .provenance import check_integer, check_number
 from .tasks import TaskBatch, sample_tasks, split_compositions
 
 # %% auto #0
@@ -24,13 +25,12 @@ def paired_tasks(split:str,                   # a split of `so8lab.tasks.SPLITS`
                  max_compositions:int|None=None, # keep only this many of them, evenly spaced by id
                 )->TaskBatch:                 # (number of compositions) × inputs_per_group tasks, grouped by composition
     "Every composition of `split` applied to the same `inputs_per_group` query grids, one group after another."
-    if isinstance(inputs_per_group, bool) or not isinstance(inputs_per_group, int) or inputs_per_group < 1:
-        raise ValueError(f"inputs_per_group must be a positive integer, got {inputs_per_group!r}")
+    inputs_per_group = check_integer(inputs_per_group, "inputs_per_group", low=1)
     ids = composition_ids(split_compositions(split)) if compositions is None else torch.as_tensor(compositions).long()
     if ids.ndim != 1 or len(set(ids.tolist())) != len(ids) or len(ids) < 2:
         raise ValueError(f"compositions must be at least 2 distinct composition ids, got {compositions!r}")
     if max_compositions is not None:
-        if isinstance(max_compositions, bool) or not isinstance(max_compositions, int) or max_compositions < 2: raise ValueError(f"max_compositions must be an integer >= 2 or None, got {max_compositions!r}")
+        max_compositions = check_integer(max_compositions, "max_compositions", low=2)
         ids = ids.sort().values[np.unique(np.linspace(0, len(ids) - 1, max_compositions).round().astype(int))]
     batches = [sample_tasks(inputs_per_group, split, seed, composition=torch.full((inputs_per_group,), int(i)),
                             with_demo=True, max_attempts=1) for i in ids]
@@ -63,7 +63,7 @@ def collect_representations(model:GridModel,    # a trained model (its training 
     "Run `model` over `tasks` in eval mode without gradients; keep h, z and per-layer cell-token means on the CPU."
     if not isinstance(model, GridModel): raise TypeError(f"model must be a GridModel, got {type(model).__name__}")
     if not isinstance(tasks, TaskBatch): raise TypeError(f"tasks must be a TaskBatch, got {type(tasks).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_integer(batch_size, "batch_size", low=1)
     device, training, parts = next(model.parameters()).device, model.training, {}
     model.eval()
     try:
@@ -81,12 +81,10 @@ def collect_representations(model:GridModel,    # a trained model (its training 
 def _check_metric_arguments(representations, k, min_group_size, fdr):
     "Clear errors, naming the argument, for `sharing_metrics`; returns the effective min_group_size."
     if not isinstance(representations, Representations): raise TypeError(f"representations must be Representations (from collect_representations), got {type(representations).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= representations.h.shape[1]:
-        raise ValueError(f"k must be an integer in 1..{representations.h.shape[1]} (the width of h), got {k!r}")
-    min_group_size = 2 * k if min_group_size is None else min_group_size
-    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < k + 1:
-        raise ValueError(f"min_group_size must be an integer >= k + 1 = {k + 1} (a top-k subspace of centred data needs k + 1 samples), got {min_group_size!r}")
-    if not 0 < fdr < 1: raise ValueError(f"fdr must be in (0, 1), got {fdr!r}")
+    k = check_integer(k, "k", low=1, high=representations.h.shape[1])        # at most the width of h
+    # a top-k subspace of centred data needs k + 1 samples
+    min_group_size = check_integer(2 * k if min_group_size is None else min_group_size, "min_group_size", low=k + 1)
+    check_number(fdr, "fdr", low=0, high=1, low_open=True, high_open=True)
     return min_group_size
 
 def _usable_groups(representations:Representations, min_group_size:int)->tuple[dict, int]:

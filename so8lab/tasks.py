@@ -8,7 +8,7 @@ __all__ = ['SPLITS', 'EVAL_SPLITS', 'DATA_DIR', 'stream_key', 'random_bits', 'un
            'sample_hashes', 'content_hash', 'save_task_set', 'read_task_set', 'load_task_set', 'write_manifest']
 
 # %% ../nbs/02_tasks.ipynb #e33fb92a
-import hashlib, json, os, tempfile, warnings
+import hashlib, warnings
 from dataclasses import dataclass, fields, replace
 from itertools import product
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from .primitives import *
 from .primitives import ROT90, FLIP, COLOR_SWAP, DRAW_BORDER, SHIFT, FILL_COMPONENT
+from .provenance import DATA_DIRECTORY, atomic_path, atomic_write_json, check_choice, check_integer, read_json
 
 # %% ../nbs/02_tasks.ipynb #73ee07f7
 _MASK32 = 0xFFFFFFFF
@@ -51,7 +52,7 @@ SPLITS = ("train", "val", "heldout", "heldout_any")
 
 def split_compositions(split:str)->torch.Tensor:
     "Primitive ids [K, 3] (-1 padded) of every composition of `split`, in composition-id order."
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    check_choice(split, "split", SPLITS)
     n = len(PRIMITIVES)
     if split in ("train", "val"): names = [(a,) for a in range(n)] + list(product(range(n), repeat=2))
     else: names = [c for c in product(range(n), repeat=3) if split == "heldout_any" or len(set(c)) == 3]
@@ -67,13 +68,10 @@ class GridConfig:
     max_side:int = 3                 # rectangle sides are 1..max_side cells
 
     def __post_init__(self):
-        for name in ("num_colors", "min_objects", "max_objects", "max_side"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int): raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.max_objects > 64: raise ValueError(f"max_objects must be at most 64, got {self.max_objects}")
-        if not 2 < self.num_colors <= MAX_COLORS: raise ValueError(f"num_colors must be in 3..{MAX_COLORS}, got {self.num_colors}")
-        if not 1 <= self.min_objects <= self.max_objects: raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
-        if not 1 <= self.max_side <= GRID_SIZE: raise ValueError(f"max_side must be in 1..{GRID_SIZE}, got {self.max_side}")
+        check_integer(self.num_colors, "num_colors", low=3, high=MAX_COLORS)
+        check_integer(self.min_objects, "min_objects", low=1, high=64)
+        check_integer(self.max_objects, "max_objects", low=self.min_objects, high=64)
+        check_integer(self.max_side, "max_side", low=1, high=GRID_SIZE)
 
     @property
     def draws(self)->int: return 2 + 4 * self.max_objects  # object count, colour offset, 4 per object
@@ -148,13 +146,12 @@ class TaskBatch:
         return mine.keys() == theirs.keys() and all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in mine.items())
 
 # %% ../nbs/02_tasks.ipynb #ece99a29
-def _check_sampling(n, split, seed, start, max_attempts):
-    "Clear errors for bad arguments of `sample_tasks`."
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ValueError(f"n must be a positive integer, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**32 - n: raise ValueError(f"start must be an integer in 0..2**32-n, got {start!r}")
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if not isinstance(max_attempts, int) or max_attempts < 1: raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
+def _check_sampling(n, split, seed, start, max_attempts)->tuple[int, int, int, int]:
+    "Clear errors for bad arguments of `sample_tasks`; `n`, `seed`, `start`, `max_attempts` as Python ints."
+    n = check_integer(n, "n", low=1)
+    check_choice(split, "split", SPLITS)
+    return (n, check_integer(seed, "seed", low=0), check_integer(start, "start", low=0, high=2**32 - 1 - n),
+            check_integer(max_attempts, "max_attempts", low=1))
 
 def _attempt(key, sample, compositions, attempt, config):
     "One draw of parameters and base grid for each sample (composition rows fixed)."
@@ -179,7 +176,7 @@ def sample_tasks(n:int,                        # number of samples
                  stream:str="tasks",           # purpose tag of the stream (keeps e.g. grouped batches separate)
                 )->TaskBatch:
     "Draw `n` tasks of `split` as one batch, reproducibly from (`stream`, `split`, `seed`, sample index)."
-    _check_sampling(n, split, seed, start, max_attempts)
+    n, seed, start, max_attempts = _check_sampling(n, split, seed, start, max_attempts)
     key = stream_key(stream, split, seed)
     sample = torch.arange(start, start + n, device=device)
     table = split_compositions(split).to(device)
@@ -225,9 +222,9 @@ class GroupedBatchSampler:
                  with_demo:bool=False,
                  config:GridConfig=GridConfig()):
         table = split_compositions(split)
-        if not isinstance(groups, int) or not 2 <= groups <= len(table): raise ValueError(f"groups must be an integer in 2..{len(table)}, got {groups!r}")
-        if not isinstance(group_size, int) or group_size < 1: raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        self.split, self.seed, self.groups, self.group_size = split, seed, groups, group_size
+        self.split, self.seed = split, check_integer(seed, "seed", low=0)
+        self.groups = check_integer(groups, "groups", low=2, high=len(table))
+        self.group_size = check_integer(group_size, "group_size", low=1)
         self.device, self.with_demo, self.config = device, with_demo, config
         self.composition_table = composition_ids(table)
 
@@ -255,12 +252,12 @@ class PoolSampler:
                  seed:int=0,           # stream seed of the batch draws
                  groups:int=2,         # distinct compositions per batch (>= 2)
                  group_size:int=64):   # samples per composition
-        if not isinstance(group_size, int) or group_size < 1: raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        group_size = check_integer(group_size, "group_size", low=1)
         ids, counts = pool.composition.cpu().unique(return_counts=True)   # index tables live on the CPU
         eligible = counts >= group_size
-        if not isinstance(groups, int) or not 2 <= groups <= int(eligible.sum()):
-            raise ValueError(f"groups must be an integer in 2..{int(eligible.sum())} (compositions with >= {group_size} samples in the pool), got {groups!r}")
-        self.pool, self.seed, self.groups, self.group_size = pool, seed, groups, group_size
+        groups = check_integer(groups, "groups", low=2, high=int(eligible.sum()))   # of the eligible compositions
+        self.pool, self.seed = pool, check_integer(seed, "seed", low=0)
+        self.groups, self.group_size = groups, group_size
         self.order = pool.composition.cpu().argsort(stable=True)
         self.offsets = torch.cumsum(counts, 0) - counts
         self.counts, self.eligible = counts, eligible.nonzero().flatten()
@@ -291,8 +288,7 @@ def sample_hashes(batch:TaskBatch, inputs_only:bool=False)->set:
 
 # %% ../nbs/02_tasks.ipynb #3cd61140
 EVAL_SPLITS = ("val", "heldout", "heldout_any")
-_REPOSITORY = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
-DATA_DIR = Path(os.environ.get("SO8LAB_DATA", _REPOSITORY / "data"))  # override with $SO8LAB_DATA
+DATA_DIR = DATA_DIRECTORY  # provenance's data root (the repository's data/, or $SO8LAB_DATA), under its old name
 
 def content_hash(batch:TaskBatch)->str:
     "SHA-256 of every tensor of `batch`, in field order (shape, dtype and bytes)."
@@ -306,15 +302,9 @@ def _set_name(split:str, n:int, seed:int)->str: return f"{split}-n{n}-seed{seed}
 
 def save_task_set(batch:TaskBatch, path)->str:
     "Write `batch` to `path` (.npz) atomically with its content hash; return the hash."
-    path, digest = Path(path), content_hash(batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, sha256=np.array(digest), **{k: v.cpu().numpy() for k, v in batch.tensors().items()})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True); raise
+    digest, arrays = content_hash(batch), {k: v.cpu().numpy() for k, v in batch.tensors().items()}
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:   # a handle: savez would add .npz to a path
+        np.savez_compressed(file, sha256=np.array(digest), **arrays)
     return digest
 
 def read_task_set(path)->TaskBatch:
@@ -329,7 +319,8 @@ def read_task_set(path)->TaskBatch:
 def _manifest(root:Path)->dict:
     "The committed content hashes, keyed by set name (empty when there is no manifest)."
     path = Path(root) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists(): return {}
+    return read_json(path, "restore it (git checkout data/manifest.json), or delete it and run write_manifest()")
 
 def load_task_set(split:str,             # one of EVAL_SPLITS
                   n:int=5000,            # number of samples
@@ -337,7 +328,7 @@ def load_task_set(split:str,             # one of EVAL_SPLITS
                   root=None,             # data directory (default: the repository's data/)
                  )->TaskBatch:
     "The fixed evaluation set: read from cache if intact, otherwise regenerated, checked against the manifest and cached."
-    if split not in EVAL_SPLITS: raise ValueError(f"split must be one of {EVAL_SPLITS} (train data is generated on the fly), got {split!r}")
+    check_choice(split, "split", EVAL_SPLITS)   # train data is generated on the fly, not cached
     root = Path(root or DATA_DIR)
     name = _set_name(split, n, seed)
     path, expected = root / f"{name}.npz", _manifest(root).get(name)
@@ -361,8 +352,5 @@ def write_manifest(root=None, n:int=5000, seed:int=0)->dict:
     for split in EVAL_SPLITS:
         batch = sample_tasks(n, split, seed, with_demo=True)
         entries[_set_name(split, n, seed)] = save_task_set(batch, root / f"{_set_name(split, n, seed)}.npz")
-    text = json.dumps(entries, indent=1, sort_keys=True) + "\n"
-    handle, temporary = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(handle, "w") as file: file.write(text)
-    os.replace(temporary, root / "manifest.json")
+    atomic_write_json(root / "manifest.json", dict(sorted(entries.items())))
     return entries

@@ -415,6 +415,31 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]             # no *.tmp, no half file
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_written_files_get_the_umask_permissions(tmp_path, umask):
+    "Sets and manifest are readable like any new file (mode 0666 & ~umask), not left at mkstemp's 0600."
+    before = os.umask(umask)
+    try:
+        write_manifest(tmp_path, n=30)
+        save_task_set(sample_tasks(20, "val", with_demo=True), tmp_path / "extra.npz")
+    finally: os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(modes) == len(EVAL_SPLITS) + 2 and "manifest.json" in modes
+    assert modes == {name: 0o666 & ~umask for name in modes}
+
+
+@pytest.mark.parametrize("text", ["", "   \n", '{"val-n200-seed0": "ab', "not json"], ids=["empty", "blank", "truncated", "garbage"])
+def test_corrupt_manifest_names_the_file(data_root, text):
+    root, _ = data_root
+    manifest = root / "manifest.json"
+    manifest.write_text(text)
+    for call in (lambda: load_task_set("val", n=200, root=root), lambda: write_manifest(root, n=200)):
+        with pytest.raises(ValueError) as caught: call()
+        assert str(manifest) in str(caught.value) and "write_manifest()" in str(caught.value)
+        assert not isinstance(caught.value, json.JSONDecodeError)
+    assert manifest.read_text() == text                                          # left for the user to restore
+
+
 def test_committed_manifest_matches_fresh_sets(eval_sets, tmp_path):
     committed = json.loads((REPOSITORY / "data" / "manifest.json").read_text())
     names = {f"{split}-n{N_EVAL}-seed0": split for split in EVAL_SPLITS}
@@ -433,6 +458,7 @@ def test_committed_manifest_matches_fresh_sets(eval_sets, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: errors name the argument
 
+NOT_A_SPLIT = f"split must be one of {list(SPLITS)}, got "
 BAD = {
     "n=0": (lambda: sample_tasks(0), ValueError, "n must be a positive integer"),
     "n=-3": (lambda: sample_tasks(-3), ValueError, "n must be a positive integer"),
@@ -447,9 +473,9 @@ BAD = {
     "start=-1": (lambda: sample_tasks(4, start=-1), ValueError, "start must be an integer"),
     "start=1.5": (lambda: sample_tasks(4, start=1.5), ValueError, "start must be an integer"),
     "start=2**32": (lambda: sample_tasks(4, start=2**32), ValueError, "start must be an integer"),
-    "split 'test'": (lambda: sample_tasks(4, "test"), ValueError, "unknown split 'test'"),
-    "split 'Train'": (lambda: sample_tasks(4, "Train"), ValueError, "unknown split 'Train'"),
-    "max_attempts=0": (lambda: sample_tasks(4, max_attempts=0), ValueError, "max_attempts must be >= 1"),
+    "split 'test'": (lambda: sample_tasks(4, "test"), ValueError, NOT_A_SPLIT + "'test'"),
+    "split 'Train'": (lambda: sample_tasks(4, "Train"), ValueError, NOT_A_SPLIT + "'Train'"),
+    "max_attempts=0": (lambda: sample_tasks(4, max_attempts=0), ValueError, "max_attempts must be a positive integer"),
     "composition shape": (lambda: sample_tasks(3, composition=torch.tensor([0, 1])), ValueError, "composition must have shape [3]"),
     "composition 2-d": (lambda: sample_tasks(2, composition=torch.tensor([[0, 1]])), ValueError, "composition must have shape [2]"),
     "composition id 300": (lambda: sample_tasks(2, composition=torch.tensor([0, 300])), ValueError, "composition"),
@@ -457,19 +483,19 @@ BAD = {
     "length-3 id in train": (lambda: sample_tasks(2, "train", composition=torch.tensor([5, 42])), ValueError, "not compositions of this split"),
     "train id in heldout": (lambda: sample_tasks(1, "heldout", composition=torch.tensor([7])), ValueError, "not compositions of this split"),
     "repeated primitives in heldout": (lambda: sample_tasks(1, "heldout", composition=torch.tensor([42])), ValueError, "not compositions of this split"),
-    "GridConfig num_colors=2": (lambda: GridConfig(num_colors=2), ValueError, "num_colors must be in 3..10"),
-    "GridConfig num_colors=11": (lambda: GridConfig(num_colors=11), ValueError, "num_colors must be in 3..10"),
+    "GridConfig num_colors=2": (lambda: GridConfig(num_colors=2), ValueError, "num_colors must be an integer in 3..10"),
+    "GridConfig num_colors=11": (lambda: GridConfig(num_colors=11), ValueError, "num_colors must be an integer in 3..10"),
     "GridConfig min_objects=0": (lambda: GridConfig(min_objects=0), ValueError, "min_objects"),
-    "GridConfig min>max": (lambda: GridConfig(min_objects=5, max_objects=4), ValueError, "min_objects <= max_objects"),
-    "GridConfig max_side=0": (lambda: GridConfig(max_side=0), ValueError, "max_side must be in 1..8"),
-    "GridConfig max_side=9": (lambda: GridConfig(max_side=9), ValueError, "max_side must be in 1..8"),
+    "GridConfig min>max": (lambda: GridConfig(min_objects=5, max_objects=4), ValueError, "max_objects must be an integer in 5..64, got 4"),
+    "GridConfig max_side=0": (lambda: GridConfig(max_side=0), ValueError, "max_side must be an integer in 1..8"),
+    "GridConfig max_side=9": (lambda: GridConfig(max_side=9), ValueError, "max_side must be an integer in 1..8"),
     "sampler groups=1": (lambda: GroupedBatchSampler(groups=1), ValueError, "groups must be an integer in 2..42"),
     "sampler groups=43": (lambda: GroupedBatchSampler(groups=43), ValueError, "groups must be an integer in 2..42"),
     "sampler heldout groups=121": (lambda: GroupedBatchSampler("heldout", groups=121), ValueError, "groups must be an integer in 2..120"),
     "sampler groups=2.0": (lambda: GroupedBatchSampler(groups=2.0), ValueError, "groups"),
     "sampler group_size=0": (lambda: GroupedBatchSampler(group_size=0), ValueError, "group_size must be a positive integer"),
     "sampler group_size=1.5": (lambda: GroupedBatchSampler(group_size=1.5), ValueError, "group_size"),
-    "sampler split": (lambda: GroupedBatchSampler("test"), ValueError, "unknown split 'test'"),
+    "sampler split": (lambda: GroupedBatchSampler("test"), ValueError, NOT_A_SPLIT + "'test'"),
 }
 
 
