@@ -96,7 +96,8 @@ def run_report(name:str,                 # a key of REPORTS
         parameters["results_dir"] = str(out / "runs" / preset)
     _remove_abandoned(out, name)
     work, started = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=out)), time.perf_counter()
-    os.chmod(work, 0o777 & ~os.umask(os.umask(0)))            # mkdtemp makes it private; the report is not
+    mask = os.umask(0); os.umask(mask)
+    os.chmod(work, 0o777 & ~mask)                             # mkdtemp makes it private; the report is not
     try:
         notebook = work / f"{name}.ipynb"
         papermill.execute_notebook(str(REPOSITORY / REPORTS[name]), str(notebook), cwd=str(work),

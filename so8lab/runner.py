@@ -6,7 +6,7 @@
 __all__ = ['resolve_device', 'Job', 'current_record', 'run_job', 'check_executor', 'dask_client', 'JobsFailed', 'run_jobs']
 
 # %% ../nbs/10_runner.ipynb #aa8fb25f
-import contextlib, logging, sys, time, warnings
+import contextlib, json, logging, sys, time, warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -80,6 +80,7 @@ def run_job(job:Job,            # what to compute
             results = job.compute(job, device)
             provenance = {"config_hash": job.digest, "git_sha": code_identity(), **environment(), "device_type": device.type}
         record = {**job.config, **results, **provenance, "job_seconds": time.perf_counter() - started}
+        record = json.loads(json.dumps(record))       # exactly what a later reader gets (tuples become lists)
         atomic_write_json(job.path, record)
     return record
 

@@ -217,8 +217,8 @@ def test_steps_to_gain_from_the_curve(sets):
     (dict(max_steps=0), "max_steps must be a positive integer"),
     (dict(patience=-5), "patience must be a positive integer"),
     (dict(eval_every=1.5), "eval_every must be a positive integer"),
-    (dict(learning_rate=-1e-3), "learning_rate must be a finite number in (0, inf)"),
-    (dict(gains=(1.5,)), "gains must be a finite number in [0, 1)"),
+    (dict(learning_rate=-1e-3), r"learning_rate must be a finite number in \(0, inf\)"),
+    (dict(gains=(1.5,)), r"gains must be a finite number in \[0, 1\)"),
     (dict(adapter_options={"r": 0}), "r must be a positive integer"),
 ])
 def test_bad_arguments_are_named(kwargs, message, sets):
