@@ -31,7 +31,7 @@ export: install
 	$(BIN)/nbdev_export
 
 reports: install
-	$(BIN)/python -m so8lab.reports --preset $(PRESET) --out reports
+	$(BIN)/so8lab report --preset $(PRESET) --out reports
 
 # One BLAS/OpenMP thread per process: two test processes share the two cores without oversubscription.
 test: install

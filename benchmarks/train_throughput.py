@@ -49,7 +49,7 @@ def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str,
     from so8lab.models import GridModel, ModelConfig, count_parameters
     from so8lab.tasks import GroupedBatchSampler, sample_tasks
     from so8lab.training import Trainer, TrainConfig, _train_step
-    from so8lab.reports import cpu_name
+    from so8lab.provenance import cpu_name
     if batch_size % 2: raise SystemExit(f"--batch-size must be even (two composition groups), got {batch_size}")
     torch.manual_seed(0)
     config = ModelConfig(**config_overrides)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .primitives import PRIMITIVES
+from .provenance import check_integer
 
 # %% ../nbs/06_losses.ipynb #626441f0
 def _check_grids(logits:torch.Tensor, targets:torch.Tensor)->None:
@@ -140,8 +141,7 @@ def topk_projector(covariance:torch.Tensor, # [..., D, D] symmetric (PSD) matric
     "Differentiable projector onto the top-`k` eigenvector subspace of `covariance`."
     if covariance.ndim < 2 or covariance.shape[-1] != covariance.shape[-2]:
         raise ValueError(f"covariance must be [..., D, D] square matrices, got shape {list(covariance.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < covariance.shape[-1]:
-        raise ValueError(f"k must be an integer in 1..{covariance.shape[-1] - 1} (D = {covariance.shape[-1]}), got {k!r}")
+    check_integer(k, "k", 1, covariance.shape[-1] - 1)        # at most D - 1 (a gap is needed below the top k)
     if not gap_floor > 0: raise ValueError(f"gap_floor must be > 0, got {gap_floor!r}")
     return TopKProjector.apply(covariance, k, gap_floor)
 
@@ -152,14 +152,11 @@ def _check_share_inputs(h:torch.Tensor, groups:torch.Tensor, k:int, reference, m
         raise TypeError(f"h must be a float tensor [B, D], got {getattr(h, 'shape', type(h))}")
     if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.dtype == torch.bool or groups.shape != h.shape[:1]:
         raise TypeError(f"groups must be an integer tensor of shape [{h.shape[0]}] (one composition id per row of h), got {getattr(groups, 'dtype', type(groups))} {list(getattr(groups, 'shape', []))}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < h.shape[1]:
-        raise ValueError(f"k must be an integer in 1..{h.shape[1] - 1} (D = {h.shape[1]}), got {k!r}")
+    check_integer(k, "k", 1, h.shape[1] - 1)
     if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape != (h.shape[1],) * 2):
         raise ValueError(f"reference must be a [{h.shape[1]}, {h.shape[1]}] projector, got {getattr(reference, 'shape', type(reference))}")
-    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 2:
-        raise ValueError(f"min_group_size must be an integer >= 2, got {min_group_size!r}")
-    if isinstance(min_groups, bool) or not isinstance(min_groups, int) or min_groups < 1:
-        raise ValueError(f"min_groups must be an integer >= 1, got {min_groups!r}")
+    check_integer(min_group_size, "min_group_size", low=2)
+    check_integer(min_groups, "min_groups", low=1)
 
 def _usable_covariances(h:torch.Tensor, groups:torch.Tensor, min_group_size:int, collapse_tolerance:float)->tuple[torch.Tensor, dict]:
     "Float64 covariances [T, D, D] of the usable groups of rows of `h`, and the group counts."
@@ -207,8 +204,7 @@ class EMAProjector:
                  update_every:int=1,     # refresh on steps 0, N, 2N, ... (counted by `update` calls)
                 ):
         if not 0 <= decay < 1: raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
+        check_integer(update_every, "update_every", low=1)
         self.decay, self.update_every, self.steps, self.reference = decay, update_every, 0, None
 
     def update(self, projector:torch.Tensor|None)->torch.Tensor|None:
@@ -266,7 +262,7 @@ class DeadUnitTracker:
                  window:int=1000,          # silent steps before a unit counts as dead
                  threshold:float=0.0,      # a unit fires when |z| > threshold
                 ):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1: raise ValueError(f"window must be a positive integer, got {window!r}")
+        check_integer(window, "window", low=1)
         self.width, self.window, self.threshold, self.steps = width, window, threshold, 0
         self.last_active = torch.zeros(width, dtype=torch.long)
 
@@ -293,7 +289,7 @@ class SAECoefficientController:
                  threshold:float=0.0,               # a unit is active when |z| > threshold
                 ):
         if not 0 < target_rate < 1: raise ValueError(f"target_rate must be in (0, 1), got {target_rate!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0: raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_integer(warmup_steps, "warmup_steps", low=0)
         if not 0 < minimum <= initial_coefficient <= maximum: raise ValueError(f"need 0 < minimum <= initial_coefficient <= maximum, got {minimum}, {initial_coefficient}, {maximum}")
         self.target_rate, self.warmup_steps, self.gain, self.minimum, self.maximum = target_rate, warmup_steps, gain, minimum, maximum
         self.threshold, self.base, self.steps, self.last_rate = threshold, float(initial_coefficient), 0, math.nan

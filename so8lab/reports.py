@@ -9,7 +9,7 @@ __all__ = ['REPORTS', 'RUNNER_PARAMETERS', 'write_results', 'report_directories'
 # %% ../nbs/18_reports.ipynb #cf6dcb6d
 import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
-from .provenance import REPOSITORY, atomic_write_json, atomic_write, code_identity, config_hash, environment, read_json
+from .provenance import REPOSITORY, atomic_write, atomic_write_json, check_integer, code_identity, config_hash, environment, read_json
 from .runner import check_executor, resolve_device
 from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
@@ -234,9 +234,10 @@ def _check_arguments(parser, arguments):
         if fixed: refuse("-p", f"{fixed} are set by --preset and --out, not by -p")
         declared = set().union(*(report_parameters(name) for name in arguments.only or REPORTS))
         if set(parameters) - declared: refuse("-p", f"{sorted(set(parameters) - declared)} are not parameters of the chosen reports")
-        if parameters.get("seeds") is not None and (not isinstance(parameters["seeds"], list) or
-                                                    any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in parameters["seeds"])):
-            refuse("-p", f"seeds must be a list of non-negative integers, got {parameters['seeds']!r}")
+        try:
+            for seed in parameters.get("seeds") or []: check_integer(seed, "seeds", low=0)
+        except (ValueError, TypeError) as error: refuse("-p", error)
+        if not isinstance(parameters.get("seeds") or [], list): refuse("-p", f"seeds must be a list like [0,1], got {parameters['seeds']!r}")
 
 # %% ../nbs/18_reports.ipynb #5b7e0c3e
 def _other_presets(out:Path, names, preset:str)->list:

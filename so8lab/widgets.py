@@ -22,13 +22,13 @@ from .primitives import GRID_SIZE, detokenize
 from .rotations import canonical_angles, orthogonality_error
 from .tasks import TaskBatch
 from .training import load_checkpoint
+from .provenance import check_integer
 
 # %% ../nbs/16_widgets.ipynb #66acb07d
 def grid_colorscale(num_colors:int,   # colours 0..num_colors-1 (at most len(PALETTE))
                    )->list:           # plotly colorscale [[fraction, colour], ...]
     "Discrete plotly colorscale painting colour index i in PALETTE[i] when zmin=-0.5 and zmax=num_colors-0.5."
-    if isinstance(num_colors, bool) or not isinstance(num_colors, int) or not 1 <= num_colors <= len(PALETTE):
-        raise ValueError(f"num_colors must be an integer in 1..{len(PALETTE)}, got {num_colors!r}")
+    check_integer(num_colors, "num_colors", 1, len(PALETTE))
     return [[(i + edge) / num_colors, PALETTE[i]] for i in range(num_colors) for edge in (0, 1)]
 
 # %% ../nbs/16_widgets.ipynb #8dee52a0
@@ -78,9 +78,7 @@ class _Explorer:
 
 def _check_index(value, count:int, name:str)->int:
     "ValueError naming `name` unless `value` is an integer in 0..count-1."
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:
-        raise ValueError(f"{name} must be an integer in 0..{count - 1}, got {value!r}")
-    return int(value)
+    return check_integer(value, name, 0, count - 1)
 
 # %% ../nbs/16_widgets.ipynb #dba68075
 class AttentionExplorer(_Explorer):
@@ -94,7 +92,7 @@ class AttentionExplorer(_Explorer):
         if model.config.encoder != "transformer": raise ValueError(f"model must have encoder='transformer' (a GRU has no attention maps), got {model.config.encoder!r}")
         if not isinstance(batch, TaskBatch): raise TypeError(f"batch must be a TaskBatch, got {type(batch).__name__}")
         if len(batch) == 0: raise ValueError("batch must hold at least one sample")
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1: raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
+        check_integer(max_samples, "max_samples", low=1)
         self.model, self.batch = model, batch[:max_samples].to("cpu")
         self._compute()
         self.sample, self.layer, self.head, self.cell, self.follow_hover = 0, 0, None, (0, 0), False
