@@ -25,12 +25,11 @@ def profile_steps(trainer, first: int, steps: int, device: str) -> dict:
     "Per-step breakdown of `steps` more training steps under torch.profiler: wall and GPU time, kernel launches, host syncs, top ops."
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from so8lab.training import _train_step
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     started = time.perf_counter()
     with profile(activities=activities) as profiler:
         for step in range(first, first + steps):
-            _train_step(trainer, step)
+            trainer._train_step(step)
             if device == "cuda": torch.cuda.synchronize()
     wall = (time.perf_counter() - started) / steps
     events = profiler.key_averages()
@@ -48,7 +47,7 @@ def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str,
     torch.set_num_threads(threads)
     from so8lab.models import GridModel, ModelConfig, count_parameters
     from so8lab.tasks import GroupedBatchSampler, sample_tasks
-    from so8lab.training import Trainer, TrainConfig, _train_step
+    from so8lab.training import Trainer, TrainConfig
     from so8lab.provenance import cpu_name
     if batch_size % 2: raise SystemExit(f"--batch-size must be even (two composition groups), got {batch_size}")
     torch.manual_seed(0)
@@ -57,11 +56,11 @@ def measure(threads: int, batch_size: int, steps: int, warmup: int, device: str,
     sampler = GroupedBatchSampler(groups=2, group_size=batch_size // 2, device=device)
     train = TrainConfig(steps=warmup + steps, share_k=min(16, batch_size // 2 - 1), warmup_steps=1, amp=True)
     trainer = Trainer(model, train, sampler, sample_tasks(16, "val", device=device), device=device, progress=False)
-    for step in range(warmup): _train_step(trainer, step)
+    for step in range(warmup): trainer._train_step(step)
     if device == "cuda": torch.cuda.synchronize()
     started = time.perf_counter()
     for step in range(warmup, warmup + steps):
-        _train_step(trainer, step)
+        trainer._train_step(step)
         if device == "cuda": torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     breakdown = profile_steps(trainer, warmup + steps, min(steps, 20), device) if profile else None

@@ -184,7 +184,7 @@ def test_jupyterlab_runs_the_widgets_notebook_and_explorers_answer_clicks(tmp_pa
 def smoke_reports(tmp_path_factory)->Path:
     "The main job's H1 and H2 reports on the smoke preset (papermill, offline HTML export, slimmed notebooks)."
     out = tmp_path_factory.mktemp("main-job") / "reports"
-    result = subprocess.run([sys.executable, "-m", "so8lab.reports", "--preset", "smoke", "--only", "H1_compositional", "H2_few_shot",
+    result = subprocess.run([sys.executable, "-m", "so8lab.reports", "report", "--preset", "smoke", "--only", "H1_compositional", "H2_few_shot",
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -132,7 +132,7 @@ def test_difference_ci_paired_equals_one_sample_on_differences():
     (lambda: bootstrap_ci([1.0, float("nan")]), "values contains 1 NaN"),
     (lambda: bootstrap_ci([1.0, float("inf")]), "values contains 1 NaN or infinite"),
     (lambda: bootstrap_ci(np.ones((2, 3))), "values must be 1-D"),
-    (lambda: bootstrap_ci([1.0, 2.0], confidence=1.0), "confidence must be in"),
+    (lambda: bootstrap_ci([1.0, 2.0], confidence=1.0), "confidence must be a finite number in"),
     (lambda: bootstrap_ci([1.0, 2.0], n_resamples=-5), "n_resamples must be"),
 ])
 def test_bootstrap_bad_input(call, message):
@@ -260,7 +260,7 @@ def test_compare_deterministic_and_json_ready():
     (lambda: compare([1.0, 2.0, 3.0], [1.0, 2.0], paired=True), ValueError, "paired=True needs treatment and baseline of equal length"),
     (lambda: compare([1.0, 2.0], [1.0, 2.0], paired=False, alternative="up"), ValueError, "alternative must be one of"),
     (lambda: compare([1.0], [1.0, 2.0], paired=False), ValueError, "at least 2 seeds"),
-    (lambda: compare([1.0, 2.0], [1.0, 2.0], paired=False, confidence=0), ValueError, "confidence must be in"),
+    (lambda: compare([1.0, 2.0], [1.0, 2.0], paired=False, confidence=0), ValueError, "confidence must be a finite number in"),
     (lambda: compare([1.0, 2.0], [1.0, 2.0], paired=None), TypeError, "paired must be True or False"),
     (lambda: compare(["a", "b"], [1.0, 2.0], paired=False), TypeError, "treatment must be numbers"),
 ])
