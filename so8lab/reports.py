@@ -145,7 +145,7 @@ def prepare_records(names,                 # report names (keys of REPORTS)
                     preset,                # a preset or its name
                     results_dir,           # where the reports read their records
                     parameters:dict|None=None, # template parameters (seeds, methods) that change which runs are read
-                    executor:str="inline", # see `so8lab.runner.run_jobs`
+                    executor:str|None=None,# see `so8lab.runner.run_jobs`; None: 'local' when workers > 1
                     workers:int=1,         # worker processes of a local Dask cluster
                     device=None,           # see `so8lab.runner.resolve_device`
                     log:bool=True,         # one line per finished job
@@ -189,7 +189,7 @@ def _parser()->argparse.ArgumentParser:
         sub = commands.add_parser(command, help=help_text)
         sub.add_argument("--preset", default="cpu", help=f"one of {list(PRESETS)} (default: cpu)")
         sub.add_argument("--seeds", nargs="+", type=_natural, default=None, help="default: the preset's seeds")
-        sub.add_argument("--executor", default="inline", help="inline | local | a Dask scheduler address (default: inline)")
+        sub.add_argument("--executor", default=None, help="inline | local | a Dask scheduler address (default: local when --workers > 1)")
         sub.add_argument("--workers", type=_positive, default=None, help="worker processes of a local cluster (default: the preset's)")
         sub.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
         return sub
@@ -218,7 +218,7 @@ def _check_arguments(parser, arguments):
     if arguments.command in ("export", "list"): return
     try: arguments.preset = get_preset(arguments.preset)
     except ValueError as error: refuse("--preset", error)
-    try: check_executor(arguments.executor)
+    try: check_executor(arguments.executor or "inline")
     except ValueError as error: refuse("--executor", error)
     try: resolve_device(arguments.device)
     except ValueError as error: refuse("--device", error)
