@@ -21,7 +21,7 @@ from .tasks import TaskBatch, random_bits, sample_tasks, split_compositions, str
 from .models import count_parameters
 from .adapters import ADAPTER_KINDS, adapted_layers, attach_adapters, freeze_base
 from .losses import task_loss
-from .training import TrainConfig, evaluate, make_optimizer
+from .training import TrainConfig, Trainer, evaluate
 from .runner import Job, run_job, run_jobs
 from .experiments import METHODS, Preset, get_preset, load_trained, training_job
 
@@ -165,34 +165,29 @@ def adapt(model:nn.Module,                  # base model with `forward_batch` (e
     if query is not None: result.query = evaluate(adapted, query.to(device))
     return result
 
+class _RepeatedBatch:
+    "A sampler whose every batch is the same support set (the whole support set is one batch)."
+    def __init__(self, batch:TaskBatch): self.batch = batch
+    def __getitem__(self, step:int)->TaskBatch: return self.batch
+
 def _fit(adapted, method, support, validation, max_steps, learning_rate, patience, eval_every, gains, keep_snapshots=False)->Adaptation:
-    "The training loop of `adapt` on a prepared copy: validate, keep the best state, stop by patience in steps."
+    "Adapt a prepared copy with `so8lab.training.Trainer`: task loss only, constant rate, patience in steps, best state restored."
     named = [(name, p) for name, p in adapted.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named]
     snapshots = [] if keep_snapshots else None
-    def snapshot(step):
-        if keep_snapshots: snapshots.append((step, {name: p.detach().cpu().clone() for name, p in named}))
-    optimizer = make_optimizer(adapted, TrainConfig(learning_rate=learning_rate, weight_decay=0.0))
-    started, step = time.perf_counter(), 0
-    curve = [(0, evaluate(adapted, validation)["iou"])]
-    snapshot(0)
-    best_step, best_iou, best_state = 0, curve[0][1], [p.detach().clone() for p in trainable]
-    while step < max_steps and step - best_step < patience:
-        _train_modes(adapted)
-        loss = task_loss(adapted.forward_batch(support).logits.float(), support.outputs.long())
-        optimizer.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0); optimizer.step()
-        step += 1
-        if step % eval_every and step != max_steps: continue
-        curve.append((step, evaluate(adapted, validation)["iou"]))
-        snapshot(step)
-        if curve[-1][1] > best_iou: best_step, best_iou, best_state = step, curve[-1][1], [p.detach().clone() for p in trainable]
-    with torch.no_grad():
-        for parameter, value in zip(trainable, best_state): parameter.copy_(value)
+    def snapshot(step): snapshots.append((step, {name: p.detach().cpu().clone() for name, p in named}))
+    config = TrainConfig(steps=max_steps, learning_rate=learning_rate, weight_decay=0.0, warmup_steps=0, final_lr_fraction=1.0,
+                         share_weight=0.0, sae_weight=0.0, primitive_weight=0.0, sae_l1=0.0, eval_every=eval_every,
+                         log_every=max_steps, targets=(), amp=False, grad_clip=1.0)
+    trainer = Trainer(adapted, config, _RepeatedBatch(support), validation, progress=False, patience=patience,
+                      validate_first=True, set_modes=_train_modes, on_validate=snapshot if keep_snapshots else None)
+    started = time.perf_counter()
+    state = trainer.fit()
+    trainer.restore_best()
     if support.inputs.device.type == "cuda": torch.cuda.synchronize(support.inputs.device)
+    curve = [(point["step"], point["iou"]) for point in state["history"]]
     reached = {float(g): next((s for s, iou in curve if iou >= curve[0][1] + g), None) for g in gains}
-    return Adaptation(method, curve, best_step, best_iou, step, reached, time.perf_counter() - started,
-                      sum(p.numel() for p in trainable), None, adapted.eval(), snapshots)
+    return Adaptation(method, curve, state["best_step"], state["best_iou"], state["step"], reached, time.perf_counter() - started,
+                      sum(p.numel() for _, p in named), None, adapted.eval(), snapshots)
 
 # %% ../nbs/12_fewshot.ipynb #25a8d598
 @dataclass(frozen=True)

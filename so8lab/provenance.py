@@ -83,13 +83,13 @@ def source_hash(package=PACKAGE_DIRECTORY)->str:
     return digest.hexdigest()[:16]
 
 def git_revision(root=REPOSITORY)->str|None:
-    "The commit SHA of the checkout at `root`, with '-dirty' when tracked files changed; None outside git."
+    "The commit SHA of the checkout at `root`, with '-dirty' when tracked files outside reports/ changed; None outside git."
     def git(*args):
         try: return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired): return None
     sha = git("rev-parse", "--verify", "HEAD")
     if sha is None or sha.returncode or not (Path(root) / ".git").exists(): return None
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")   # reports are outputs, not code
     return sha.stdout.strip() + ("-dirty" if dirty is None or dirty.stdout.strip() else "")
 
 def code_identity(root=REPOSITORY, package=PACKAGE_DIRECTORY)->str:

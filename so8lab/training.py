@@ -145,11 +145,18 @@ class Trainer:
                  directory=None,               # checkpoints and logs go here (None: in memory only)
                  device=None,                  # default: the model's device
                  progress:bool|None=None,      # tqdm bar; None = only on an interactive terminal
-                 identity:str|None=None):      # written into every checkpoint; `resume` accepts only its own
+                 identity:str|None=None,       # written into every checkpoint; `resume` accepts only its own
+                 patience:int|None=None,       # stop after this many steps without a better validation IoU (None: never)
+                 validate_first:bool=False,    # validate before the first step: step 0 is then a candidate best state
+                 set_modes=None,               # set_modes(model) before every step; None: model.train()
+                 on_validate=None):            # on_validate(step) after every validation (e.g. to keep snapshots)
         self.model, self.config, self.sampler, self.validation = model, config, sampler, validation
         self.directory = Path(directory) if directory else None
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.progress, self.identity = progress, identity
+        self.patience = None if patience is None else check_integer(patience, "patience", low=1)
+        self.validate_first, self.set_modes, self.on_validate = validate_first, set_modes, on_validate
+        self.best_state = None                 # the best model state, kept in memory when there is no directory
         self.losses = make_loss_manager(config)
         self.optimizer = make_optimizer(model, config)
         self.log = RunLog(self.directory / "logs" if self.directory else None)
@@ -210,6 +217,8 @@ class Trainer:
     def _train_step(self, step:int)->dict|None:
         "One optimizer step on batch `step`; returns the logged loss terms, or None after a rollback."
         batch = self.sampler[step].to(self.device)
+        if self.set_modes is None: self.model.train()
+        else: self.set_modes(self.model)
         self._set_learning_rate(step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.amp and self.device.type == "cuda")
         with autocast:
@@ -225,7 +234,7 @@ class Trainer:
         if not torch.isfinite(norm):
             self._recover(step, "non-finite gradient"); return None
         self.optimizer.step()
-        if hasattr(self.model, "sae"): self.model.sae.normalize_decoder_()
+        if hasattr(self.model, "sae") and self.model.sae.decoder_weight.requires_grad: self.model.sae.normalize_decoder_()
         return {**terms, "grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _validate(self, step:int):
@@ -241,8 +250,17 @@ class Trainer:
             if self.directory:
                 best = {"model": self.model.state_dict(), "step": step, "metrics": metrics, "identity": self.identity}
                 save_checkpoint(best, self.directory / "best.pt")
+            else: self.best_state = copy.deepcopy(self.model.state_dict())
         self._checkpoint("last")
         self.log.flush()
+        if self.on_validate is not None: self.on_validate(step)
+
+    def restore_best(self)->torch.nn.Module:
+        "Load the best validated state into the model (from memory, or `directory/best.pt`) and return the model."
+        state = self.best_state if self.directory is None else load_checkpoint(self.directory / "best.pt", self.device)["model"]
+        if state is None: raise RuntimeError("no validation has run yet: there is no best state to restore")
+        self.model.load_state_dict(state)
+        return self.model
 
     def fit(self,
             stop_at:int|None=None,  # return early after this many steps in total (simulates a kill in tests)
@@ -252,7 +270,9 @@ class Trainer:
         end = min(self.config.steps, stop_at or self.config.steps)
         quiet = (not sys.stderr.isatty()) if self.progress is None else not self.progress
         bar = tqdm(total=end, initial=self.state["step"], disable=quiet, desc="train", leave=False)
-        while self.state["step"] < end:
+        if self.validate_first and not self.state["history"]: self._validate(0)
+        def patient(): return self.patience is None or self.state["step"] - self.state["best_step"] < self.patience
+        while self.state["step"] < end and patient():
             step, started = self.state["step"], time.perf_counter()
             terms = self._train_step(step)
             if terms is None: bar.n = self.state["step"]; continue
