@@ -4,15 +4,15 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get_preset', 'Method', 'run_configs', 'record_path',
-           'checkpoint_directory', 'run_config', 'evaluation_sets', 'training_job', 'train_run', 'run', 'load_trained',
-           'load_model', 'run_many', 'load_records', 'steps_to_target', 'metrics_frame']
+           'checkpoint_directory', 'model_path', 'run_config', 'evaluation_sets', 'training_job', 'train_run', 'run',
+           'load_trained', 'load_model', 'run_many', 'load_records', 'steps_to_target', 'metrics_frame']
 
 # %% ../nbs/11_experiments.ipynb #17364bdd
 import json, shutil, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
-from .provenance import CorruptFile, check_integer, file_lock, fixed_threads, read_json
+from .provenance import CorruptFile, atomic_path, check_integer, file_lock, fixed_threads, read_json
 from .tasks import PoolSampler, load_task_set, sample_tasks
 from .models import GridModel, ModelConfig, count_parameters
 from .training import Trainer, TrainConfig, evaluate, load_checkpoint
@@ -34,6 +34,7 @@ class Preset:
     methods:tuple           # methods a report runs
     workers:int = 1         # parallel training processes a report uses for missing runs
     threads:int = 1         # CPU threads of each run (fixed, so a run's numbers never depend on the machine's load)
+    kept_models:tuple = ()  # runs ('method-seedN') whose best weights are stored beside their records (for renders)
     model:dict = field(default_factory=dict)   # ModelConfig overrides
     train:dict = field(default_factory=dict)   # TrainConfig overrides shared by all methods
 
@@ -47,6 +48,7 @@ PRESETS = {
                   train=dict(share_k=8, warmup_steps=40, learning_rate=2e-3, targets=(0.22, 0.26, 0.30))),
     "plan": Preset("plan", 50_000, 5000, 5000, steps=1500, groups=2, group_size=64, eval_every=100, seeds=(0, 1, 2, 3, 4),
                    methods=("proposed", "B0", "B1", "B2", "B3", "B5", "B6-k8", "B6-k16", "B6-k32"), workers=8, threads=2,
+                   kept_models=("proposed-seed0",),
                    train=dict(share_k=16, warmup_steps=100, targets=(0.3, 0.4, 0.5, 0.6))),
 }
 PRESET_ALIASES = {"test": "smoke", "quick": "smoke", "default": "cpu", "laptop": "cpu", "full": "plan", "gpu": "plan"}
@@ -97,6 +99,10 @@ def checkpoint_directory(results_dir, method:str, seed:int)->Path:
     "Where the checkpoints and logs of (`method`, `seed`) live."
     return Path(results_dir) / "checkpoints" / f"{method}-seed{seed}"
 
+def model_path(results_dir, method:str, seed:int)->Path:
+    "Where the kept best weights of (`method`, `seed`) live (beside the records, for renders without checkpoints)."
+    return Path(results_dir) / "models" / f"{method}-seed{seed}.pt"
+
 def run_config(method:str, seed:int, preset:str|Preset)->dict:
     "The complete, JSON-serialisable configuration of one run (its hash identifies the run)."
     preset = get_preset(preset)
@@ -122,12 +128,21 @@ def training_job(method:str,           # a key of METHODS
     check_integer(seed, "seed", low=0)
     preset = get_preset(preset)
     return Job(f"{method}-seed{seed}", str(record_path(results_dir, method, seed)), run_config(method, seed, preset),
-               train_run, threads=preset.threads)
+               train_run, threads=preset.threads, options={"keep_model": f"{method}-seed{seed}" in preset.kept_models})
 
 # %% ../nbs/11_experiments.ipynb #9ad85d64
 def _job_checkpoints(job:Job)->Path:
     "The checkpoint directory of a training job (beside its records/ folder)."
     return Path(job.path).parent.parent / "checkpoints" / job.name
+
+def _job_model(job:Job)->Path:
+    "Where a training job keeps its best weights beside the records (see `Preset.kept_models`)."
+    return Path(job.path).parent.parent / "models" / f"{job.name}.pt"
+
+def _keep_model(job:Job):
+    "Copy the best checkpoint (weights, step, identity) beside the records when the job's preset keeps its model."
+    if not job.options.get("keep_model"): return
+    with atomic_path(_job_model(job)) as temporary: shutil.copyfile(_job_checkpoints(job) / "best.pt", temporary)
 
 def train_run(job:Job,              # a `training_job`
               device:torch.device,  # where to train
@@ -145,6 +160,7 @@ def train_run(job:Job,              # a `training_job`
     trainer.resume()
     state = trainer.fit()
     model.load_state_dict(load_checkpoint(directory / "best.pt", device)["model"])
+    _keep_model(job)
     evaluation_started = time.perf_counter()
     metrics = {split: evaluate(model, tasks, train_config.eval_batch_size) for split, tasks in sets.items()}
     return {"n_parameters": count_parameters(model), "metrics": metrics, "best_step": state["best_step"],
@@ -181,11 +197,13 @@ def _resumable(directory:Path, job:Job)->bool:
     return last.get("identity") == job.digest and last.get("step", 0) < job.config["train"]["steps"]
 
 def load_trained(job:Job, device=None, tolerance:float=1e-4)->GridModel:
-    "The best model of training `job` in eval mode, retraining it first when its checkpoint does not match its record."
+    "The best model of training `job` in eval mode: its checkpoint, or its kept weights, or else a retrain that must match its record."
     device = resolve_device(device)
     record = run_job(job, device)
-    path = _job_checkpoints(job) / "best.pt"
-    if (problem := _checkpoint_problem(path, record, device)) is not None:
+    path, kept = _job_checkpoints(job) / "best.pt", _job_model(job)
+    if (problem := _checkpoint_problem(path, record, device)) is not None and _checkpoint_problem(kept, record, device) is None:
+        path, problem = kept, None
+    if problem is not None:
         warnings.warn(f"{path} is {problem}; retraining {job.name} to rebuild it (its record is kept)")
         with file_lock(job.path), fixed_threads(job.threads):
             if not _resumable(path.parent, job): shutil.rmtree(path.parent, ignore_errors=True)

@@ -13,6 +13,8 @@ from .provenance import REPOSITORY, atomic_write, atomic_write_json, check_integ
 from .runner import check_executor, resolve_device
 from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
+from .runner import run_jobs
+from .sharing import sharing_jobs
 
 # %% ../nbs/18_reports.ipynb #fd5b32c5
 def write_results(output_dir,                # directory of the report
@@ -149,11 +151,11 @@ def prepare_records(names,                 # report names (keys of REPORTS)
                     workers:int=1,         # worker processes of a local Dask cluster
                     device=None,           # see `so8lab.runner.resolve_device`
                     log:bool=True,         # one line per finished job
-                   )->dict:                # {'training': records, 'fewshot': records} (lists may be empty)
+                   )->dict:                # {'training', 'fewshot', 'sharing'}: lists of records (may be empty)
     "Compute the records the reports `names` read, before they render."
     preset, parameters = get_preset(preset), parameters or {}
     seeds = parameters.get("seeds") or preset.seeds
-    found = {"training": [], "fewshot": []}
+    found = {"training": [], "fewshot": [], "sharing": []}
     if set(names) & {"H1_compositional", "H3_training_time", "H4_sharing"}:
         found["training"] = run_many(parameters.get("methods") or preset.methods, seeds, preset, results_dir, device, workers,
                                      executor, log)
@@ -161,6 +163,10 @@ def prepare_records(names,                 # report names (keys of REPORTS)
         settings = get_fewshot_preset(preset.name)
         run_many(settings.base_methods, seeds, preset, results_dir, device, workers, executor, log)
         found["fewshot"] = fewshot_records(None, seeds, preset, results_dir, device=device, workers=workers, executor=executor, log=log)
+    if "H4_sharing" in names:
+        jobs = sharing_jobs(preset, results_dir, seeds, parameters.get("inputs_per_group"), parameters.get("compositions"))
+        found["sharing"] = run_jobs(jobs, executor or ("local" if workers > 1 else "inline"), workers, device, log=log,
+                                    label=f"{preset.name} sharing analyses")
     return found
 
 # %% ../nbs/18_reports.ipynb #59c391ba
@@ -205,6 +211,7 @@ def _parser()->argparse.ArgumentParser:
     report.add_argument("-p", "--parameter", action="append", type=_parse_parameter, default=[], help="template parameter name=value")
     report.add_argument("--no-html", dest="html", action="store_false", help="skip the offline HTML export")
     report.add_argument("--replace", action="store_true", help="replace reports of another preset in --out")
+    report.add_argument("--no-render", dest="render", action="store_false", help="compute the records the reports read, render nothing")
     exporter = commands.add_parser("export", help="export a kept report to offline HTML")
     exporter.add_argument("notebook"); exporter.add_argument("html")
     lister = commands.add_parser("list", help="list run records")
@@ -232,7 +239,7 @@ def _check_arguments(parser, arguments):
         parameters = dict(arguments.parameter)
         fixed = sorted(set(parameters) & set(RUNNER_PARAMETERS))
         if fixed: refuse("-p", f"{fixed} are set by --preset and --out, not by -p")
-        declared = set().union(*(report_parameters(name) for name in arguments.only or REPORTS))
+        declared = set().union(*(report_parameters(name) for name in arguments.only or REPORTS)) if parameters else set()
         if set(parameters) - declared: refuse("-p", f"{sorted(set(parameters) - declared)} are not parameters of the chosen reports")
         try:
             for seed in parameters.get("seeds") or []: check_integer(seed, "seeds", low=0)
@@ -289,12 +296,15 @@ def main(argv:list|None=None)->int:
         return 0
     names, out = arguments.only or list(REPORTS), Path(arguments.out)
     clash = _other_presets(out, names, preset.name)
-    if clash and not arguments.replace:
+    if clash and arguments.render and not arguments.replace:
         parser.error(f"argument --preset: {out} holds reports of another preset: {', '.join(clash)}; use another --out, or --replace")
     parameters = dict(arguments.parameter)
     if arguments.device is not None: parameters["device"] = arguments.device
     print(f"so8lab report: preset {preset.name}, reports {', '.join(names)} into {out}", flush=True)
     prepare_records(names, preset, out.resolve() / "runs" / preset.name, parameters, **options)
+    if not arguments.render:
+        print(f"records in {out / 'runs' / preset.name} ({time.perf_counter() - started:.0f} s); nothing rendered (--no-render)")
+        return 0
     for name in names:
         print(f"  {name}: rendering", flush=True)
         chosen = {k: v for k, v in parameters.items() if k in report_parameters(name)}

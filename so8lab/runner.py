@@ -40,6 +40,7 @@ class Job:
     compute:Callable        # compute(job, device) -> dict of results; a module-level function, so Dask can ship it
     threads:int = 1         # CPU threads while computing (fixed per job, recorded)
     inputs:tuple = ()       # jobs whose records this one reads (their hashes belong in `config`)
+    options:dict = field(default_factory=dict)  # settings that never change the record's numbers (not hashed)
 
     def __post_init__(self):
         check_integer(self.threads, "threads", low=1)

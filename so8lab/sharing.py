@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 import numpy as np
 import torch
 from .cka import cka_matrix, principal_angles, probe_transfer, unit_statistics
@@ -13,9 +14,12 @@ from .models import GridModel
 from .primitives import composition_from_id, composition_ids
 from .provenance import check_integer, check_number
 from .tasks import TaskBatch, sample_tasks, split_compositions
+from .runner import Job
+from .experiments import Preset, get_preset, load_trained, training_job
 
 # %% auto #0
-__all__ = ['paired_tasks', 'Representations', 'collect_representations', 'sharing_metrics', 'layer_group_cka']
+__all__ = ['SHARING_METHODS', 'SHARING_SPLITS', 'paired_tasks', 'Representations', 'collect_representations', 'sharing_metrics',
+           'layer_group_cka', 'sharing_run', 'sharing_job', 'sharing_jobs']
 
 # %% ../nbs/15_sharing.ipynb #63d1efbb
 def paired_tasks(split:str,                   # a split of `so8lab.tasks.SPLITS`, e.g. 'heldout' or 'val'
@@ -193,3 +197,43 @@ def layer_group_cka(representations:Representations,  # from `collect_representa
         matrix = cka_matrix({g: values[rows[g]] for g in shown}, {g: values[r] for g, r in rows.items()}, debiased=True)
         table[name] = [(matrix.loc[g].sum() - matrix.loc[g, g]) / (len(rows) - 1) for g in shown]
     return pd.DataFrame.from_dict(table, orient="index", columns=[_composition_label(g) for g in shown])
+
+# %% ../nbs/15_sharing.ipynb #caa38d80
+SHARING_METHODS, SHARING_SPLITS = ("proposed", "B0"), ("heldout", "val")
+
+def sharing_run(job:Job, device:torch.device)->dict:
+    "The sharing measures of the base model of `job` (a `sharing_job`) on its paired set; the record's results."
+    (base,), config = job.inputs, job.config
+    model = load_trained(base, device)
+    tasks = paired_tasks(config["split"], config["inputs_per_group"], max_compositions=config["compositions"])
+    representations = collect_representations(model, tasks)
+    results = {"metrics": sharing_metrics(representations, config["k"], seed=config["seed"])}
+    if config["heatmap"]:
+        table = layer_group_cka(representations, columns=12, min_group_size=2 * config["k"])
+        results["layer_group_cka"] = table.to_dict(orient="split")
+    return results
+
+def sharing_job(method:str, seed:int, preset:str|Preset, results_dir, split:str, inputs_per_group:int,
+                compositions:int|None=None,  # compositions of the paired set (None: all of the split)
+                heatmap:bool=False,          # also keep the layer × composition CKA table
+               )->Job:
+    "The runner job of one model's sharing measures on one paired set."
+    preset = get_preset(preset)
+    base = training_job(method, seed, preset, results_dir)
+    config = {"analysis": "sharing", "method": method, "seed": seed, "base_config_hash": base.digest, "split": split,
+              "inputs_per_group": check_integer(inputs_per_group, "inputs_per_group", low=1), "compositions": compositions,
+              "k": base.config["train"]["share_k"], "heatmap": bool(heatmap)}
+    path = Path(results_dir) / "sharing" / f"{method}-seed{seed}-{split}.json"
+    return Job(path.stem, str(path), config, sharing_run, threads=preset.threads, inputs=(base,))
+
+def sharing_jobs(preset:str|Preset, results_dir, seeds=None, inputs_per_group:int|None=None,
+                 compositions:int|None=None)->list:
+    "The H4 report's analysis jobs, with its defaults (see above)."
+    preset = get_preset(preset)
+    seeds = list(seeds or preset.seeds)
+    k = training_job(SHARING_METHODS[0], seeds[0], preset, results_dir).config["train"]["share_k"]
+    inputs_per_group = int(inputs_per_group or 4 * k)
+    compositions = compositions or (24 if preset.name == "smoke" else None)   # smoke: a functional test in seconds
+    return [sharing_job(method, seed, preset, results_dir, split, inputs_per_group, compositions,
+                        heatmap=(seed == seeds[0] and split == "heldout"))
+            for method in SHARING_METHODS for seed in seeds for split in SHARING_SPLITS]

@@ -1,7 +1,7 @@
 """The runner and the house: executors give the same records as sequential runs, a killed worker costs only its run,
 checkpoints belong to their record, a run's numbers do not depend on the machine's thread count, and the import
 graph of so8lab/ has no cycle, keeps notebook order, and never imports the papermill runner."""
-import ast, json, os, re, signal, threading, time, warnings
+import ast, json, os, re, shutil, signal, threading, time, warnings
 from pathlib import Path
 
 import dask
@@ -169,3 +169,27 @@ def test_a_notebook_imports_only_lower_numbers():
     for name, imported in _graph().items():
         for other in imported:
             assert number[other] < number[name], f"{name} ({number[name]}) imports {other} ({number[other]})"
+
+
+def test_committed_records_and_kept_models_render_without_training(tmp_path):
+    "What a fresh clone has of a plan-like run (records/ and models/, no checkpoints) loads its model and trains nothing."
+    from dataclasses import replace
+    from so8lab.experiments import load_trained, model_path
+    job = replace(training_job("B0", 0, "smoke", tmp_path / "made"), options={"keep_model": True})
+    record = run_jobs([job], device="cpu")[0]
+    clone = tmp_path / "clone"
+    for part in ("records", "models"): shutil.copytree(tmp_path / "made" / part, clone / part)
+    moved = replace(training_job("B0", 0, "smoke", clone), options={"keep_model": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # a retrain announces itself with a warning
+        model = load_trained(moved, "cpu")
+    assert not (clone / "checkpoints").exists()
+    reference = load_checkpoint(model_path(clone, "B0", 0))
+    assert reference["step"] == record["best_step"] and reference["identity"] == record["config_hash"]
+    assert all(torch.equal(reference["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_plan_kept_models_are_not_git_ignored():
+    import subprocess
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "reports/plan/runs/plan/models/proposed-seed0.pt"])
+    assert ignored.returncode == 1                  # 1: not ignored, so a plan run's kept models are committed with its records
