@@ -97,10 +97,13 @@ def dask_client(executor:str,    # 'local' or a scheduler address
                 workers:int=1,   # worker processes of a local cluster (ignored for an address)
                ):
     "A Dask client on a new `LocalCluster` of single-threaded worker processes, or on the scheduler at `executor`."
+    import dask
     from distributed import Client, LocalCluster
     if check_executor(executor) == "local":
         dashboard = ":0" if find_spec("bokeh") else None
-        with LocalCluster(n_workers=check_integer(workers, "workers", low=1), threads_per_worker=1, processes=True,
+        environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+             LocalCluster(n_workers=check_integer(workers, "workers", low=1), threads_per_worker=1, processes=True,
                           dashboard_address=dashboard, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client
     else:

@@ -193,3 +193,10 @@ def test_plan_kept_models_are_not_git_ignored():
     import subprocess
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "reports/plan/runs/plan/models/proposed-seed0.pt"])
     assert ignored.returncode == 1                  # 1: not ignored, so a plan run's kept models are committed with its records
+
+
+def test_local_cluster_workers_keep_the_adaptive_malloc_threshold():
+    "Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 (about 40% slower training here); local clusters drop it."
+    from so8lab.runner import dask_client
+    with dask_client("local", 1) as client:
+        assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {None}
