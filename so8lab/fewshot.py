@@ -66,7 +66,7 @@ def adaptation_sets(composition:int,         # a held-out composition id (see `f
                     device="cpu",
                    )->dict:                  # {'support', 'validation', 'query'}: disjoint TaskBatches of `composition`
     "Support, validation and query sets of one held-out composition, drawn from separate streams and disjoint by hash."
-    if not isinstance(composition, int) or composition not in composition_ids(split_compositions("heldout")).tolist():
+    if isinstance(composition, bool) or not isinstance(composition, int) or composition not in composition_ids(split_compositions("heldout")).tolist():
         raise ValueError(f"composition must be a held-out composition id (see fewshot_compositions), got {composition!r}")
     for name, size in (("support_size", support_size), ("validation_size", validation_size), ("query_size", query_size)):
         check_integer(size, name, low=1)
