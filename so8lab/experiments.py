@@ -8,7 +8,7 @@ __all__ = ['PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get
            'load_trained', 'load_model', 'run_many', 'load_records', 'steps_to_target', 'metrics_frame']
 
 # %% ../nbs/11_experiments.ipynb #17364bdd
-import json, shutil, time, warnings
+import shutil, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
@@ -132,12 +132,12 @@ def training_job(method:str,           # a key of METHODS
 
 # %% ../nbs/11_experiments.ipynb #9ad85d64
 def _job_checkpoints(job:Job)->Path:
-    "The checkpoint directory of a training job (beside its records/ folder)."
-    return Path(job.path).parent.parent / "checkpoints" / job.name
+    "The checkpoint directory of a training job (`checkpoint_directory` of its results directory)."
+    return checkpoint_directory(Path(job.path).parent.parent, job.config["method"], job.config["seed"])
 
 def _job_model(job:Job)->Path:
-    "Where a training job keeps its best weights beside the records (see `Preset.kept_models`)."
-    return Path(job.path).parent.parent / "models" / f"{job.name}.pt"
+    "Where a training job keeps its best weights (`model_path` of its results directory; see `Preset.kept_models`)."
+    return model_path(Path(job.path).parent.parent, job.config["method"], job.config["seed"])
 
 def _keep_model(job:Job):
     "Copy the best checkpoint (weights, step, identity) beside the records when the job's preset keeps its model."
@@ -179,16 +179,16 @@ def run(method:str,                 # a key of METHODS
     return run_job(training_job(method, seed, preset, results_dir), device, force)
 
 # %% ../nbs/11_experiments.ipynb #37fd671d
-def _checkpoint_problem(path:Path, record:dict, device)->str|None:
-    "Why the checkpoint at `path` cannot stand for `record`'s best model (None when it can)."
-    if not path.exists(): return "missing"
+def _matching_checkpoint(path:Path, record:dict, device)->tuple[dict|None, str|None]:
+    "(the checkpoint at `path`, None) when it stands for `record`'s best model; else (None, why it cannot)."
+    if not path.exists(): return None, "missing"
     try: checkpoint = load_checkpoint(path, device)
-    except CorruptFile: return "unreadable"
+    except CorruptFile: return None, "unreadable"
     if checkpoint.get("identity") != record["config_hash"]:
-        return f"made by configuration {checkpoint.get('identity')!r}, not the record's {record['config_hash']!r}"
+        return None, f"made by configuration {checkpoint.get('identity')!r}, not the record's {record['config_hash']!r}"
     if checkpoint.get("step") != record["best_step"]:
-        return f"from step {checkpoint.get('step')}, but the record's best step is {record['best_step']} (an interrupted retrain?)"
-    return None
+        return None, f"from step {checkpoint.get('step')}, but the record's best step is {record['best_step']} (an interrupted retrain?)"
+    return checkpoint, None
 
 def _resumable(directory:Path, job:Job)->bool:
     "Whether `directory/last.pt` is a readable, unfinished checkpoint of `job` (a killed retrain to continue)."
@@ -200,10 +200,10 @@ def load_trained(job:Job, device=None, tolerance:float=1e-4)->GridModel:
     "The best model of training `job` in eval mode: its checkpoint, or its kept weights, or else a retrain that must match its record."
     device = resolve_device(device)
     record = run_job(job, device)
-    path, kept = _job_checkpoints(job) / "best.pt", _job_model(job)
-    if (problem := _checkpoint_problem(path, record, device)) is not None and _checkpoint_problem(kept, record, device) is None:
-        path, problem = kept, None
-    if problem is not None:
+    path = _job_checkpoints(job) / "best.pt"
+    checkpoint, problem = _matching_checkpoint(path, record, device)
+    if checkpoint is None: checkpoint = _matching_checkpoint(_job_model(job), record, device)[0]
+    if checkpoint is None:
         warnings.warn(f"{path} is {problem}; retraining {job.name} to rebuild it (its record is kept)")
         with file_lock(job.path), fixed_threads(job.threads):
             if not _resumable(path.parent, job): shutil.rmtree(path.parent, ignore_errors=True)
@@ -212,8 +212,9 @@ def load_trained(job:Job, device=None, tolerance:float=1e-4)->GridModel:
         if abs(found - expected) > tolerance or retrained["best_step"] != record["best_step"]:
             raise RuntimeError(f"retraining {job.name} gave val IoU {found:.6f} at step {retrained['best_step']}, the record says "
                                f"{expected:.6f} at step {record['best_step']} (different device or code?); {path} was not used")
+        checkpoint = load_checkpoint(path, device)
     model = GridModel(ModelConfig(**record["model"])).to(device)
-    model.load_state_dict(load_checkpoint(path, device)["model"])
+    model.load_state_dict(checkpoint["model"])
     return model.eval()
 
 def load_model(method:str, seed:int, preset:str|Preset="cpu", results_dir="runs", device=None, tolerance:float=1e-4)->GridModel:

@@ -9,7 +9,7 @@ __all__ = ['STREAM_STRIDE', 'ADAPTATION_METHODS', 'LEARNING_RATES', 'ADAPTER_OPT
            'run_fewshot', 'replay_adaptation', 'fewshot_frame', 'fewshot_records', 'fewshot_study']
 
 # %% ../nbs/12_fewshot.ipynb #889afd51
-import copy, hashlib, math, time
+import copy, hashlib, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import numpy as np
@@ -20,7 +20,6 @@ from .primitives import composition_from_id, composition_ids
 from .tasks import TaskBatch, random_bits, sample_tasks, split_compositions, stream_key
 from .models import count_parameters
 from .adapters import ADAPTER_KINDS, adapted_layers, attach_adapters, freeze_base
-from .losses import task_loss
 from .training import TrainConfig, Trainer, evaluate
 from .runner import Job, run_job, run_jobs
 from .experiments import METHODS, Preset, get_preset, load_trained, training_job

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PACKAGE_DIRECTORY', 'REPOSITORY', 'DATA_DIRECTORY', 'check_integer', 'check_number', 'check_choice', 'config_hash',
-           'source_hash', 'git_revision', 'code_identity', 'cpu_name', 'environment', 'fixed_threads', 'atomic_path',
-           'atomic_write', 'atomic_write_json', 'CorruptFile', 'read_json', 'file_lock']
+           'source_hash', 'git_revision', 'code_identity', 'cpu_name', 'environment', 'fixed_threads', 'current_umask',
+           'atomic_path', 'atomic_write', 'atomic_write_json', 'CorruptFile', 'read_json', 'file_lock']
 
 # %% ../nbs/00_provenance.ipynb #18aeeffc
 import contextlib, datetime, hashlib, json, math, numbers, os, platform, subprocess, tempfile
@@ -124,7 +124,7 @@ def fixed_threads(threads:int):
     finally: torch.set_num_threads(before)
 
 # %% ../nbs/00_provenance.ipynb #eb50099d
-def _umask()->int:
+def current_umask()->int:
     "The process's file-creation mask (read by setting it and putting it back)."
     mask = os.umask(0); os.umask(mask)
     return mask
@@ -137,7 +137,7 @@ def atomic_path(path):
     os.close(handle)
     try:
         yield Path(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True); raise

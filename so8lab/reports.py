@@ -9,7 +9,8 @@ __all__ = ['REPORTS', 'RUNNER_PARAMETERS', 'write_results', 'report_directories'
 # %% ../nbs/18_reports.ipynb #cf6dcb6d
 import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
-from .provenance import REPOSITORY, atomic_write, atomic_write_json, check_integer, code_identity, config_hash, environment, read_json
+from .provenance import (REPOSITORY, atomic_write, atomic_write_json, check_integer, code_identity, config_hash,
+                               current_umask, environment, read_json)
 from .runner import check_executor, resolve_device
 from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
@@ -98,8 +99,7 @@ def run_report(name:str,                 # a key of REPORTS
         parameters["results_dir"] = str(out / "runs" / preset)
     _remove_abandoned(out, name)
     work, started = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=out)), time.perf_counter()
-    mask = os.umask(0); os.umask(mask)
-    os.chmod(work, 0o777 & ~mask)                             # mkdtemp makes it private; the report is not
+    os.chmod(work, 0o777 & ~current_umask())                  # mkdtemp makes it private; the report is not
     try:
         notebook = work / f"{name}.ipynb"
         papermill.execute_notebook(str(REPOSITORY / REPORTS[name]), str(notebook), cwd=str(work),

@@ -1,7 +1,7 @@
 """The runner and the house: executors give the same records as sequential runs, a killed worker costs only its run,
 checkpoints belong to their record, a run's numbers do not depend on the machine's thread count, and the import
 graph of so8lab/ has no cycle, keeps notebook order, and never imports the papermill runner."""
-import ast, json, os, re, shutil, signal, threading, time, warnings
+import ast, os, re, shutil, signal, threading, time, warnings
 from pathlib import Path
 
 import dask
