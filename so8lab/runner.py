@@ -6,7 +6,7 @@
 __all__ = ['resolve_device', 'Job', 'current_record', 'run_job', 'check_executor', 'dask_client', 'JobsFailed', 'run_jobs']
 
 # %% ../nbs/10_runner.ipynb #aa8fb25f
-import contextlib, json, logging, sys, time, warnings
+import contextlib, json, logging, os, sys, time, warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -102,10 +102,14 @@ def dask_client(executor:str,    # 'local' or a scheduler address
     if check_executor(executor) == "local":
         dashboard = ":0" if find_spec("bokeh") else None
         environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items() if k != "MALLOC_TRIM_THRESHOLD_"}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
-             LocalCluster(n_workers=check_integer(workers, "workers", low=1), threads_per_worker=1, processes=True,
-                          dashboard_address=dashboard, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            yield client
+        inherited = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)   # an earlier default cluster left it in this process
+        try:
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+                 LocalCluster(n_workers=check_integer(workers, "workers", low=1), threads_per_worker=1, processes=True,
+                              dashboard_address=dashboard, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                yield client
+        finally:
+            if inherited is not None: os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
     else:
         with Client(executor) as client: yield client
 

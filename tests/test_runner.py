@@ -190,8 +190,10 @@ def test_plan_kept_models_are_not_git_ignored():
     assert ignored.returncode == 1                  # 1: not ignored, so a plan run's kept models are committed with its records
 
 
-def test_local_cluster_workers_keep_the_adaptive_malloc_threshold():
-    "Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 (about 40% slower training here); local clusters drop it."
+def test_local_cluster_workers_keep_the_adaptive_malloc_threshold(monkeypatch):
+    "Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536, also in the starting process; local clusters drop it, inherited too."
     from so8lab.runner import dask_client
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")       # what an earlier default Dask cluster leaves behind
     with dask_client("local", 1) as client:
         assert set(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == {None}
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"       # this process's environment is put back
