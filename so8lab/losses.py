@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TASK_LOSSES', 'SCHEDULES', 'DEFAULT_WEIGHTS', 'soft_iou_loss', 'task_loss', 'cell_accuracy', 'exact_match',
-           'mean_iou', 'TopKProjector', 'topk_projector', 'share_loss', 'EMAProjector', 'sae_loss', 'sae_statistics',
-           'DeadUnitTracker', 'SAECoefficientController', 'primitive_loss', 'Schedule', 'LossManager']
+           'mean_iou', 'TopKProjector', 'topk_projector', 'share_loss', 'block_share_loss', 'EMAProjector', 'sae_loss',
+           'sae_statistics', 'DeadUnitTracker', 'SAECoefficientController', 'primitive_loss', 'Schedule', 'LossManager']
 
 # %% ../nbs/06_losses.ipynb #002c7a48
 import math
@@ -111,8 +111,8 @@ def mean_iou(predictions:torch.Tensor,   # [B, H, W] colours or [B, C, H, W] log
 class TopKProjector(torch.autograd.Function):
     "Projector onto the top-`k` eigenvectors of symmetric matrices, with a gap-clamped top/rest backward."
     @staticmethod
-    def forward(ctx, covariance:torch.Tensor, k:int, gap_floor:float=1e-4)->torch.Tensor:
-        symmetric = covariance.to(torch.float64)
+    def forward(ctx, covariance:torch.Tensor, k:int, gap_floor:float=1e-4, dtype:torch.dtype=torch.float64)->torch.Tensor:
+        symmetric = covariance.to(dtype)
         values, vectors = torch.linalg.eigh((symmetric + symmetric.mT) / 2)
         values, vectors = values.flip(-1), vectors.flip(-1)     # descending
         ctx.save_for_backward(values, vectors)
@@ -125,25 +125,27 @@ class TopKProjector(torch.autograd.Function):
     def backward(ctx, grad:torch.Tensor):
         values, vectors = ctx.saved_tensors
         top, rest = vectors[..., :ctx.k], vectors[..., ctx.k:]
-        grad64 = grad.to(torch.float64)
-        cross = rest.mT @ ((grad64 + grad64.mT) / 2) @ top               # [..., D-k, k]: u_jᵀ G_s u_i
+        grad = grad.to(values.dtype)
+        cross = rest.mT @ ((grad + grad.mT) / 2) @ top                   # [..., D-k, k]: u_jᵀ G_s u_i
         gap = values[..., None, :ctx.k] - values[..., ctx.k:, None]      # λ_i - λ_j >= 0
         floor = (ctx.gap_floor * values[..., :1].clamp_min(0))[..., None]
         coupling = torch.where(floor > 0, cross / torch.maximum(gap, floor), 0)
         half = rest @ coupling @ top.mT
-        return (half + half.mT).to(grad.dtype), None, None
+        return (half + half.mT).to(grad.dtype), None, None, None
 
 # %% ../nbs/06_losses.ipynb #b859cb6d
-def topk_projector(covariance:torch.Tensor, # [..., D, D] symmetric (PSD) matrices
-                   k:int,                   # subspace dimension, 1 <= k < D
-                   gap_floor:float=1e-4,    # eigen-gaps are clamped >= gap_floor * largest eigenvalue in backward
-                  )->torch.Tensor:          # [..., D, D] projectors U_k U_kᵀ
+def topk_projector(covariance:torch.Tensor,    # [..., D, D] symmetric (PSD) matrices
+                   k:int,                      # subspace dimension, 1 <= k < D
+                   gap_floor:float=1e-4,       # eigen-gaps are clamped >= gap_floor * largest eigenvalue in backward
+                   dtype:torch.dtype=torch.float64, # precision of the eigendecomposition and of the backward
+                  )->torch.Tensor:             # [..., D, D] projectors U_k U_kᵀ (in covariance's dtype)
     "Differentiable projector onto the top-`k` eigenvector subspace of `covariance`."
     if covariance.ndim < 2 or covariance.shape[-1] != covariance.shape[-2]:
         raise ValueError(f"covariance must be [..., D, D] square matrices, got shape {list(covariance.shape)}")
     check_integer(k, "k", 1, covariance.shape[-1] - 1)        # at most D - 1 (a gap is needed below the top k)
     if not gap_floor > 0: raise ValueError(f"gap_floor must be > 0, got {gap_floor!r}")
-    return TopKProjector.apply(covariance, k, gap_floor)
+    if dtype not in (torch.float32, torch.float64): raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return TopKProjector.apply(covariance, k, gap_floor, dtype)
 
 # %% ../nbs/06_losses.ipynb #134fdc81
 def _check_share_inputs(h:torch.Tensor, groups:torch.Tensor, k:int, reference, min_group_size:int, min_groups:int)->None:
@@ -197,6 +199,43 @@ def share_loss(h:torch.Tensor,                   # [B, D] representations
     target = projectors.detach().mean(dim=0) if reference is None else reference.detach().to(torch.float64)
     return ((projectors - target) ** 2).sum(dim=(-2, -1)).mean().to(h.dtype), info
 
+# %% ../nbs/06_losses.ipynb #b1a0c002
+def block_share_loss(h:torch.Tensor,                   # [G, m, D]: G composition groups of m rows each
+                     k:int=16,                         # subspace dimension
+                     reference:torch.Tensor|None=None, # [D, D] target projector; None: the detached mean over usable groups
+                     min_group_size:int|None=None,     # smallest usable group; None: k + 1
+                     min_groups:int=2,                 # with fewer usable groups the loss is a graph-connected 0
+                     collapse_tolerance:float=1e-8,    # skip groups whose total variance <= this × the batch's
+                     gap_floor:float=1e-4,             # eigen-gap clamp of `TopKProjector`'s backward
+                     dtype:torch.dtype=torch.float32,  # precision of covariances and eigendecompositions
+                    )->tuple[torch.Tensor, dict]:      # (scalar loss, info: counts as 0-d tensors, `mean_projector`)
+    "`share_loss` for a batch of G equal, contiguous groups: static shapes, counts kept on the device."
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.ndim != 3:
+        raise TypeError(f"h must be a float tensor [G, m, D] (G groups of m rows), got {getattr(h, 'shape', type(h))}")
+    groups, size, width = h.shape
+    check_integer(k, "k", 1, width - 1)
+    min_group_size = check_integer(k + 1 if min_group_size is None else min_group_size, "min_group_size", low=2)
+    if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape != (width, width)):
+        raise ValueError(f"reference must be a [{width}, {width}] projector, got {getattr(reference, 'shape', type(reference))}")
+    x = h.to(dtype)
+    centred = x - x.mean(dim=1, keepdim=True)
+    covariance = centred.mT @ centred / max(size - 1, 1)                          # [G, D, D]
+    spread = covariance.detach().diagonal(dim1=-2, dim2=-1).sum(-1)
+    usable = (spread > collapse_tolerance * x.detach().reshape(-1, width).var(dim=0, unbiased=False).sum()) & (size >= min_group_size)
+    used = usable.sum()
+    projectors = topk_projector(covariance, k, gap_floor, dtype)
+    weights = usable.to(dtype) / used.clamp_min(1)
+    mean = (weights[:, None, None] * projectors.detach()).sum(0)
+    target = mean if reference is None else reference.detach().to(dtype)
+    distance = (weights * ((projectors - target) ** 2).sum(dim=(-2, -1))).sum()
+    loss = torch.where(used >= min_groups, distance, distance * 0).to(h.dtype)
+    skipped = groups - used
+    info = dict(groups_total=groups, groups_used=used, groups_skipped=skipped,
+                groups_too_small=groups if size < min_group_size else 0,
+                groups_collapsed=skipped if size >= min_group_size else used * 0,
+                samples_skipped=skipped * size, mean_projector=mean.to(h.dtype))
+    return loss, info
+
 # %% ../nbs/06_losses.ipynb #88bf35cf
 class EMAProjector:
     "Exponential moving average of mean projectors, refreshed every `update_every` steps, as a share-loss reference."
@@ -229,11 +268,11 @@ def _check_sae_inputs(h:torch.Tensor, h_hat:torch.Tensor, z:torch.Tensor)->None:
 def sae_loss(h:torch.Tensor,          # [B, D] representations (the SAE's input)
              h_hat:torch.Tensor,      # [B, D] reconstructions
              z:torch.Tensor,          # [B, W] sparse codes
-             l1_coefficient:float,    # λ, e.g. `SAECoefficientController.coefficient`
+             l1_coefficient:float|torch.Tensor, # λ, e.g. `SAECoefficientController.coefficient` (a 0-d tensor once it tunes on a device)
             )->torch.Tensor:          # scalar loss
     "Mean squared reconstruction error plus λ times the mean L1 norm of the codes."
     _check_sae_inputs(h, h_hat, z)
-    if not l1_coefficient >= 0: raise ValueError(f"l1_coefficient must be >= 0, got {l1_coefficient!r}")
+    if not isinstance(l1_coefficient, torch.Tensor) and not l1_coefficient >= 0: raise ValueError(f"l1_coefficient must be >= 0, got {l1_coefficient!r}")
     return (h - h_hat).pow(2).sum(dim=1).mean() + l1_coefficient * z.abs().sum(dim=1).mean()
 
 # %% ../nbs/06_losses.ipynb #78b13375
@@ -295,17 +334,19 @@ class SAECoefficientController:
         self.threshold, self.base, self.steps, self.last_rate = threshold, float(initial_coefficient), 0, math.nan
 
     @property
-    def coefficient(self)->float:
-        "The λ to use at the current step."
+    def coefficient(self)->float|torch.Tensor:
+        "The λ to use at the current step (a float until the first tensor update, then a float64 0-d tensor)."
         return self.base * (min(1.0, self.steps / self.warmup_steps) if self.warmup_steps else 1.0)
 
-    def update(self, z:torch.Tensor|float)->float:
+    def update(self, z:torch.Tensor|float)->float|torch.Tensor:
         "Record one training step's codes `z` (or its activation rate); after warm-up, move λ toward the target rate."
-        rate = z if isinstance(z, float) else _active(z, self.threshold).double().mean().item()
+        if isinstance(z, float): rate, clip, exp = z, lambda x: max(-1.0, min(1.0, x)), math.exp
+        else: rate, clip, exp = _active(z, self.threshold).double().mean(), lambda x: x.clamp(-1.0, 1.0), torch.exp
         self.steps, self.last_rate = self.steps + 1, rate
         if self.steps > self.warmup_steps:
-            error = max(-1.0, min(1.0, (rate - self.target_rate) / self.target_rate))
-            self.base = min(self.maximum, max(self.minimum, self.base * math.exp(self.gain * error)))
+            scaled = self.base * exp(self.gain * clip((rate - self.target_rate) / self.target_rate))
+            self.base = (scaled.clamp(self.minimum, self.maximum) if isinstance(scaled, torch.Tensor)
+                         else min(self.maximum, max(self.minimum, scaled)))
         return self.coefficient
 
     def state_dict(self)->dict: return dict(base=self.base, steps=self.steps, last_rate=self.last_rate)
@@ -364,6 +405,7 @@ class LossManager:
                  share_min_group_size:int|None=None,             # None: share_k + 1
                  share_reference:EMAProjector|None=None,         # EMA target; None: the batch's mean projector
                  sae_l1_coefficient:float|SAECoefficientController=1e-3, # λ, fixed or auto-tuned
+                 share_blocks:int|None=None,                     # rows are this many equal contiguous groups: `block_share_loss`
                 ):
         unknown = (set(weights or {}) | set(schedules or {})) - set(DEFAULT_WEIGHTS)
         if unknown: raise ValueError(f"weights and schedules take terms {tuple(DEFAULT_WEIGHTS)}, got unknown {sorted(unknown)}")
@@ -371,6 +413,9 @@ class LossManager:
         self.weights, self.schedules = {**DEFAULT_WEIGHTS, **(weights or {})}, dict(schedules or {})
         self.task_kind, self.share_k, self.share_min_group_size = task_kind, share_k, share_min_group_size
         self.share_reference, self.sae_l1_coefficient = share_reference, sae_l1_coefficient
+        self.share_blocks = None if share_blocks is None else check_integer(share_blocks, "share_blocks", low=1)
+        if share_blocks is not None and share_reference is not None:
+            raise ValueError("share_reference (an EMA target) needs the general share loss: pass share_blocks=None with it")
         self._share_mean_projector = None     # the last share loss's batch mean projector, for the EMA
 
     def weight(self, term:str, step:int)->float:
@@ -386,7 +431,11 @@ class LossManager:
             coefficient = _l1_value(self.sae_l1_coefficient)
             return sae_loss(inputs["h"], inputs["h_hat"], inputs["z"], coefficient), {"sae_l1_coefficient": coefficient}
         reference = self.share_reference.reference if self.share_reference is not None else None
-        loss, info = share_loss(inputs["h"], inputs["groups"], self.share_k, reference, self.share_min_group_size)
+        if self.share_blocks is None: loss, info = share_loss(inputs["h"], inputs["groups"], self.share_k, reference, self.share_min_group_size)
+        else:
+            h = inputs["h"]
+            if h.shape[0] % self.share_blocks: raise ValueError(f"h has {h.shape[0]} rows, not a multiple of share_blocks={self.share_blocks}")
+            loss, info = block_share_loss(h.reshape(self.share_blocks, -1, h.shape[1]), self.share_k, reference, self.share_min_group_size)
         self._share_mean_projector = info.pop("mean_projector")
         return loss, {f"share_{key}": value for key, value in info.items() if key != "reason"}
 
@@ -397,8 +446,9 @@ class LossManager:
 
     def __call__(self, step:int=0,              # training step, for the schedules
                      update:bool|None=None,        # advance controller/EMA state; None: when gradients are enabled
+                     numbers:bool=True,            # log plain floats; False: detached 0-d tensors, nothing read back from the device
                      **inputs:torch.Tensor|None,   # logits, targets, h, groups, z, h_hat, primitive_logits, multi_hot
-                    )->tuple[torch.Tensor, dict]:  # (total loss, log of floats)
+                    )->tuple[torch.Tensor, dict]:  # (total loss, log)
         "Total loss L = Σ weight × term over the terms with a non-zero weight and all inputs given."
         unknown = set(inputs) - {name for names in _TERM_INPUTS.values() for name in names}
         if unknown: raise TypeError(f"unknown loss input(s) {sorted(unknown)}; expected names from {_TERM_INPUTS}")
@@ -408,8 +458,9 @@ class LossManager:
             if weight == 0 or any(inputs.get(name) is None for name in names): continue
             value, extra = self._term(term, inputs)
             terms[term] = weight * value
-            log.update({term: value.item(), f"weight_{term}": weight, **extra})
+            log.update({term: value.detach(), f"weight_{term}": weight, **extra})
         if not terms: raise ValueError(f"no loss term could be computed at step {step}: every term has weight 0 or a missing input")
         if (torch.is_grad_enabled() if update is None else update): self._update_state(set(terms), inputs)
         total = sum(terms.values())
-        return total, {"loss": total.item(), **log}
+        log = {"loss": total.detach(), **log}
+        return total, ({key: float(value) for key, value in log.items()} if numbers else log)

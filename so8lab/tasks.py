@@ -240,6 +240,16 @@ class GroupedBatchSampler:
                             composition=chosen.repeat_interleave(self.group_size).to(self.device),
                             with_demo=self.with_demo, config=self.config, stream="grouped")
 
+    def batches(self, first:int, count:int)->TaskBatch:
+        "Batches `first` .. `first + count - 1` drawn as one `TaskBatch` (equal to concatenating `self[first + i]`)."
+        check_integer(first, "first", low=0); check_integer(count, "count", low=1)
+        key = stream_key("grouped-compositions", self.split, self.seed)
+        bits = random_bits(key, torch.arange(first, first + count), len(self.composition_table))
+        chosen = self.composition_table[bits.argsort(dim=1)[:, :self.groups]].sort(dim=1).values
+        return sample_tasks(count * self.batch_size, self.split, self.seed, self.device, start=first * self.batch_size,
+                            composition=chosen.repeat_interleave(self.group_size, dim=1).flatten().to(self.device),
+                            with_demo=self.with_demo, config=self.config, stream="grouped")
+
     def __iter__(self):
         index = 0
         while True: yield self[index]; index += 1
@@ -272,6 +282,16 @@ class PoolSampler:
         chosen = self.eligible[bits[:len(self.eligible)].argsort()[:self.groups]].sort().values
         members = uniform_int(bits[len(self.eligible):].view(self.groups, self.group_size), self.counts[chosen, None])
         picks = self.order[(self.offsets[chosen, None] + members).flatten()]
+        return self.pool[picks.to(self.pool.inputs.device)]
+
+    def batches(self, first:int, count:int)->TaskBatch:
+        "Batches `first` .. `first + count - 1` gathered from the pool at once (equal to concatenating `self[first + i]`)."
+        check_integer(first, "first", low=0); check_integer(count, "count", low=1)
+        key = stream_key("pool-batches", self.seed)
+        bits = random_bits(key, torch.arange(first, first + count), len(self.eligible) + self.batch_size)
+        chosen = self.eligible[bits[:, :len(self.eligible)].argsort(dim=1)[:, :self.groups]].sort(dim=1).values
+        members = uniform_int(bits[:, len(self.eligible):].view(count, self.groups, self.group_size), self.counts[chosen][..., None])
+        picks = self.order[(self.offsets[chosen][..., None] + members).flatten()]
         return self.pool[picks.to(self.pool.inputs.device)]
 
     def __iter__(self):
