@@ -347,9 +347,10 @@ class GridModel(nn.Module):
                 demo_outputs:torch.Tensor|None=None,    # [B, 8, 8] demonstration outputs ('demo' conditioning)
                 return_attention:bool=False,            # also return per-layer attention maps
                 return_hidden:bool=False,               # also return per-layer hidden states
+                check:bool=True,                        # validate the inputs (False inside `torch.func.vmap`, where values cannot be read)
                )->ModelOutput:
         "Predict output-grid logits and the bottleneck quantities; inputs the configuration does not use are ignored."
-        self._check_inputs(inputs, tokens, demo_inputs, demo_outputs, return_attention)
+        if check: self._check_inputs(inputs, tokens, demo_inputs, demo_outputs, return_attention)
         context, mask = (None, None) if self.config.conditioning == "none" else self.encode_context(tokens, demo_inputs, demo_outputs)
         cells = self.grid_embedding(inputs) + self.segment_embedding.weight[SEGMENTS.index("query")]
         encoded, attentions, crosses, hidden = self._encode(cells, context, mask, return_attention, return_hidden)

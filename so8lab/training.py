@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COMPILE_MIN_STEPS', 'TrainConfig', 'make_optimizer', 'learning_rate_factor', 'evaluate', 'save_checkpoint',
-           'load_checkpoint', 'RunLog', 'make_loss_manager', 'share_blocks_of', 'training_outputs', 'Trainer']
+           'load_checkpoint', 'RunLog', 'make_loss_manager', 'share_blocks_of', 'training_outputs', 'Trainer',
+           'RunGroup']
 
 # %% ../nbs/08_training.ipynb #df3d56f7
 import copy, csv, math, pickle, sys, time, warnings, zipfile
@@ -263,19 +264,22 @@ class Trainer:
         size = len(data) // count
         return data[(step - first) * size:(step - first + 1) * size]
 
-    def _train_step(self, step:int):
-        "One optimizer step on batch `step`, with nothing read back from the device."
+    def _prepare(self, step:int)->tuple:
+        "The batch of `step` on the device, modules in their training modes and the step's learning rate set: (batch, rate)."
         batch = self._batch(step)
         if self.set_modes is None: self.model.train()
         else: self.set_modes(self.model)
-        rate = self._set_learning_rate(step)
-        if self.compiled: torch.compiler.cudagraph_mark_step_begin()
-        logits, h, z, h_hat, primitive_logits = self.forward(self.model, batch, self.config.amp and self.device.type == "cuda")
-        total, terms = self.losses(step, numbers=False, logits=logits, targets=batch.outputs.long(), h=h, groups=batch.composition,
-                                   z=z, h_hat=h_hat, primitive_logits=primitive_logits, multi_hot=batch.multi_hot)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        return batch, self._set_learning_rate(step)
+
+    def _objective(self, step:int, outputs:tuple, batch:TaskBatch)->tuple:
+        "(total loss, terms as 0-d tensors) of `training_outputs` on `batch`."
+        logits, h, z, h_hat, primitive_logits = outputs
+        return self.losses(step, numbers=False, logits=logits, targets=batch.outputs.long(), h=h, groups=batch.composition,
+                           z=z, h_hat=h_hat, primitive_logits=primitive_logits, multi_hot=batch.multi_hot)
+
+    def _update(self, step:int, total:torch.Tensor, terms:dict, rate:float):
+        "After backward: clip, fold finiteness into the device flag, take the optimizer step, keep the log row."
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.config.grad_clip)
         kind = torch.where(torch.isfinite(total), torch.where(torch.isfinite(norm), 0, 2), 1)   # 0 fine, 1 loss, 2 gradient
         marker = torch.stack([torch.full_like(kind, step), kind])
         self._first_bad = torch.where(kind > 0, marker, -1) if self._first_bad is None else \
@@ -284,10 +288,24 @@ class Trainer:
         if hasattr(self.model, "sae") and self.model.sae.decoder_weight.requires_grad: self.model.sae.normalize_decoder_()
         if step % self.config.log_every == 0: self._pending.append((step, {**terms, "grad_norm": norm.detach(), "lr": rate}))
 
-    def _settle(self, started:float)->bool:
-        "At a boundary: add the segment's wall time, roll back a segment with a non-finite step (False), or log its rows (True)."
+    def _train_step(self, step:int):
+        "One optimizer step on batch `step`, with nothing read back from the device."
+        batch, rate = self._prepare(step)
+        if self.compiled: torch.compiler.cudagraph_mark_step_begin()
+        outputs = self.forward(self.model, batch, self.config.amp and self.device.type == "cuda")
+        total, terms = self._objective(step, outputs, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self._update(step, total, terms, rate)
+
+    def _elapsed(self, started:float)->float:
+        "Seconds since `started` once the device has finished its queued work."
         if self.device.type == "cuda": torch.cuda.synchronize(self.device)
-        self.state["train_seconds"] += time.perf_counter() - started
+        return time.perf_counter() - started
+
+    def _settle(self, elapsed:float)->bool:
+        "At a boundary: add the segment's `elapsed` seconds, roll back a segment with a non-finite step (False), or log its rows (True)."
+        self.state["train_seconds"] += elapsed
         if self._first_bad is not None:
             step, kind = self._first_bad.tolist()
             if kind > 0:
@@ -343,8 +361,87 @@ class Trainer:
                 bar.update(1)
                 if not (self.state["step"] % self.config.eval_every == 0 or self.state["step"] == self.config.steps): continue
             elif not unsettled: break
-            settled, step = self._settle(started), self.state["step"]
+            settled, step = self._settle(self._elapsed(started)), self.state["step"]
             if settled and (step % self.config.eval_every == 0 or step == self.config.steps): self._validate(step)
             bar.n, started, unsettled = self.state["step"], time.perf_counter(), False
         bar.close()
         return copy.deepcopy(self.state)
+
+# %% ../nbs/08_training.ipynb #c2b0a007
+_STACKED_FIELDS = ("inputs", "tokens", "demo_inputs", "demo_outputs")   # the batch fields a forward pass reads
+
+def _swap_parameter(model:torch.nn.Module, name:str, parameter:torch.nn.Parameter):
+    "Put `parameter` into `model` under its dotted `name`."
+    owner, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attribute, parameter)
+
+class RunGroup:
+    "Runs of one architecture and schedule trained as one batched model: a stacked, vmapped forward; per-run objective, optimizer, checks and records."
+    def __init__(self, trainers:list,           # `Trainer`s of models with one configuration, sharing steps, eval_every, amp and batch size
+                 compile:bool|None=None):       # compile the batched forward (CUDA graphs); None: on CUDA for >= COMPILE_MIN_STEPS steps
+        if not trainers or not all(isinstance(t, Trainer) for t in trainers): raise ValueError("trainers must be a non-empty list of Trainer")
+        first = trainers[0]
+        for name in ("steps", "eval_every", "amp"):
+            if len({getattr(t.config, name) for t in trainers}) > 1: raise ValueError(f"the trainers of a group must share config.{name}")
+        if len({repr(getattr(t.model, "config", None)) for t in trainers}) > 1 or len({t.device for t in trainers}) > 1:
+            raise ValueError("the trainers of a group must share one model configuration and one device")
+        if any(t.patience is not None or t.set_modes is not None or t.validate_first for t in trainers):
+            raise ValueError("a group trains plain runs: patience, set_modes and validate_first are not supported")
+        self.trainers, self.device, self.template = trainers, first.device, first.model
+        self.names = [name for name, _ in first.model.named_parameters()]
+        self.weights = {name: torch.stack([t.model.get_parameter(name).detach().to(self.device) for t in trainers]) for name in self.names}
+        for index, trainer in enumerate(trainers):
+            for name in self.names:
+                original = trainer.model.get_parameter(name)
+                _swap_parameter(trainer.model, name, torch.nn.Parameter(self.weights[name][index], requires_grad=original.requires_grad))
+            state, trainer.optimizer = trainer.optimizer.state_dict(), make_optimizer(trainer.model, trainer.config)
+            trainer.optimizer.load_state_dict(state)          # a resumed run keeps its moments (same parameter order)
+            trainer._good = copy.deepcopy(trainer._snapshot())
+        if compile is None: compile = self.device.type == "cuda" and first.config.steps >= COMPILE_MIN_STEPS
+        batched = torch.func.vmap(self._one, randomness="different")
+        self.forward = torch.compile(batched, mode="reduce-overhead", dynamic=False) if compile else batched
+        self.compiled = bool(compile)
+
+    def _one(self, weights:dict, fields:dict)->tuple:
+        "One run's `training_outputs`, computed functionally from its weights (the body of the vmap)."
+        amp = self.trainers[0].config.amp and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            arguments = tuple(fields.get(name) for name in _STACKED_FIELDS)
+            output = torch.func.functional_call(self.template, weights, arguments, {"check": False})
+        return tuple(value.float() for value in (output.logits, output.h, output.z, output.h_hat, output.primitive_logits))
+
+    def _step(self, step:int, active:list):
+        "One optimizer step of the runs with indices `active`, all at `step`."
+        prepared = [self.trainers[i]._prepare(step) for i in active]
+        fields = {name: torch.stack([getattr(batch, name) for batch, _ in prepared])
+                  for name in _STACKED_FIELDS if getattr(prepared[0][0], name) is not None}
+        whole = len(active) == len(self.trainers)
+        leaves = {name: (weight if whole else weight[active]).detach().requires_grad_() for name, weight in self.weights.items()}
+        self.template.train()
+        if self.compiled: torch.compiler.cudagraph_mark_step_begin()
+        outputs = self.forward(leaves, fields)
+        results = [self.trainers[i]._objective(step, [value[slot] for value in outputs], batch)
+                   for slot, (i, (batch, _)) in enumerate(zip(active, prepared))]
+        sum(total for total, _ in results).backward()
+        for slot, (i, (total, terms)) in enumerate(zip(active, results)):
+            trainer = self.trainers[i]
+            for name in self.names: trainer.model.get_parameter(name).grad = leaves[name].grad[slot]
+            trainer._update(step, total, terms, prepared[slot][1])
+
+    def fit(self)->list:
+        "Train every run to `config.steps`; a run that rolls back (or starts elsewhere) finishes alone. Returns each run's final state."
+        for trainer in self.trainers: trainer.model.train()
+        first = min(t.state["step"] for t in self.trainers)
+        active, end, every = [i for i, t in enumerate(self.trainers) if t.state["step"] == first], self.trainers[0].config.steps, self.trainers[0].config.eval_every
+        started = time.perf_counter()
+        while active and self.trainers[active[0]].state["step"] < end:
+            step = self.trainers[active[0]].state["step"]
+            self._step(step, active)
+            for i in active: self.trainers[i].state["step"] = step + 1
+            if (step + 1) % every and step + 1 != end: continue
+            elapsed = self.trainers[active[0]]._elapsed(started)
+            for i in list(active):
+                if self.trainers[i]._settle(elapsed): self.trainers[i]._validate(step + 1)
+                else: active.remove(i)
+            started = time.perf_counter()
+        return [trainer.fit() for trainer in self.trainers]
