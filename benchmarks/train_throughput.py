@@ -177,7 +177,7 @@ def suite(arguments) -> dict:
               "competence": previous.get("competence", {}), **_environment(arguments)}
     def save():
         if arguments.out: arguments.out.parent.mkdir(parents=True, exist_ok=True); arguments.out.write_text(json.dumps(result, indent=1) + "\n")
-    for method in ("B0", "proposed") if "throughput" in arguments.parts else ():
+    for method in arguments.methods.split(",") if "throughput" in arguments.parts else ():
         peers = ([("source", arguments.source, 512, True)] if arguments.source else []) + \
                 [("eager", None, 512, False), ("compiled", None, 512, True), ("compiled", None, 4096, False)]
         peers = [(engine, source, batch, profiled, 1) for engine, source, batch, profiled in peers] + \
@@ -189,7 +189,7 @@ def suite(arguments) -> dict:
             row = _child(arguments, *extra)
             if rate and "samples_per_s" in row: row["share_of_bf16_matmul_rate"] = row["model_gflop_per_s"] / 1e3 / rate
             result["throughput"].append(row); save()
-    for method in ("B0", "proposed") if "competence" in arguments.parts else ():
+    for method in arguments.methods.split(",") if "competence" in arguments.parts else ():
         result["competence"][method] = _child(arguments, "--competence", "--method", method, "--batch-size", "1024", "--groups", "8",
                                               "--learning-rate", "3e-3", "--max-steps", "8000", "--eval-every", "250", "--val-size", "2000",
                                               "--max-seconds", str(arguments.max_seconds), "--engine", "compiled")
@@ -226,6 +226,7 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=240)
     parser.add_argument("--suite", action="store_true", help="run every peer side by side (subprocesses) and write --out")
     parser.add_argument("--parts", default="throughput,competence", help="which parts of the suite to run (results merge into --out)")
+    parser.add_argument("--methods", default="B0,proposed", help="the suite's methods")
     parser.add_argument("--child-timeout", type=float, default=300, help="seconds allowed to each measurement of the suite")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
