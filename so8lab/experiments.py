@@ -4,18 +4,19 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get_preset', 'Method', 'run_configs', 'record_path',
-           'checkpoint_directory', 'model_path', 'run_config', 'evaluation_sets', 'training_job', 'train_run', 'run',
-           'load_trained', 'load_model', 'run_many', 'load_records', 'steps_to_target', 'metrics_frame']
+           'checkpoint_directory', 'model_path', 'run_config', 'evaluation_sets', 'training_job', 'train_run',
+           'train_runs', 'run', 'load_trained', 'load_model', 'run_many', 'load_records', 'steps_to_target',
+           'metrics_frame']
 
 # %% ../nbs/11_experiments.ipynb #17364bdd
 import shutil, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
-from .provenance import CorruptFile, atomic_path, check_integer, file_lock, fixed_threads, read_json
+from .provenance import CorruptFile, atomic_path, check_integer, config_hash, file_lock, fixed_threads, read_json
 from .tasks import PoolSampler, load_task_set, sample_tasks
 from .models import GridModel, ModelConfig, count_parameters
-from .training import Trainer, TrainConfig, evaluate, load_checkpoint
+from .training import RunGroup, Trainer, TrainConfig, evaluate, load_checkpoint
 from .runner import Job, resolve_device, run_job, run_jobs
 
 # %% ../nbs/11_experiments.ipynb #2e8a8f61
@@ -127,8 +128,10 @@ def training_job(method:str,           # a key of METHODS
     "The runner job that trains (`method`, `seed`) under `preset`."
     check_integer(seed, "seed", low=0)
     preset = get_preset(preset)
-    return Job(f"{method}-seed{seed}", str(record_path(results_dir, method, seed)), run_config(method, seed, preset),
-               train_run, threads=preset.threads, options={"keep_model": f"{method}-seed{seed}" in preset.kept_models})
+    config = run_config(method, seed, preset)
+    return Job(f"{method}-seed{seed}", str(record_path(results_dir, method, seed)), config, train_run, threads=preset.threads,
+               options={"keep_model": f"{method}-seed{seed}" in preset.kept_models},
+               group=config_hash({**config, "seed": None}), compute_group=train_runs)   # the seeds of one method train together
 
 # %% ../nbs/11_experiments.ipynb #9ad85d64
 def _job_checkpoints(job:Job)->Path:
@@ -144,29 +147,48 @@ def _keep_model(job:Job):
     if not job.options.get("keep_model"): return
     with atomic_path(_job_model(job)) as temporary: shutil.copyfile(_job_checkpoints(job) / "best.pt", temporary)
 
-def train_run(job:Job,              # a `training_job`
-              device:torch.device,  # where to train
-             )->dict:               # the results part of the record
-    "Train the run of `job`, resuming its own interrupted run, and evaluate the best checkpoint on every split."
-    config, started = job.config, time.perf_counter()
+def _training(job:Job, device:torch.device)->tuple:
+    "The model, trainer and evaluation sets of a training job, resumed from its own interrupted run when there is one."
+    config = job.config
     torch.manual_seed(config["seed"])
     model = GridModel(ModelConfig(**config["model"])).to(device)
     train_config, data = TrainConfig(**config["train"]), config["data"]
     pool = sample_tasks(data["train_size"], "train", seed=config["seed"], device=device)
     sampler = PoolSampler(pool, seed=config["seed"], groups=data["groups"], group_size=data["group_size"])
     sets = _evaluation_sets(data["val_size"], data["test_size"], device)
-    directory = _job_checkpoints(job)
-    trainer = Trainer(model, train_config, sampler, sets["val"], directory=directory, device=device, identity=job.digest)
+    trainer = Trainer(model, train_config, sampler, sets["val"], directory=_job_checkpoints(job), device=device, identity=job.digest)
     trainer.resume()
-    state = trainer.fit()
-    model.load_state_dict(load_checkpoint(directory / "best.pt", device)["model"])
+    return model, trainer, sets
+
+def _results(job:Job, model, trainer:Trainer, sets:dict, device:torch.device, started:float)->dict:
+    "The results part of a training record: the best checkpoint evaluated on every split, curves, targets and timings."
+    state = trainer.state
+    model.load_state_dict(load_checkpoint(_job_checkpoints(job) / "best.pt", device)["model"])
     _keep_model(job)
     evaluation_started = time.perf_counter()
-    metrics = {split: evaluate(model, tasks, train_config.eval_batch_size) for split, tasks in sets.items()}
+    metrics = {split: evaluate(model, tasks, trainer.config.eval_batch_size) for split, tasks in sets.items()}
     return {"n_parameters": count_parameters(model), "metrics": metrics, "best_step": state["best_step"],
             "curves": state["history"], "targets": state["targets"], "events": state["events"],
             "timings": {"train_seconds": state["train_seconds"], "test_seconds": time.perf_counter() - evaluation_started,
                         "total_seconds": time.perf_counter() - started, "steps": state["step"]}}
+
+def train_run(job:Job,              # a `training_job`
+              device:torch.device,  # where to train
+             )->dict:               # the results part of the record
+    "Train the run of `job`, resuming its own interrupted run, and evaluate the best checkpoint on every split."
+    started = time.perf_counter()
+    model, trainer, sets = _training(job, device)
+    trainer.fit()
+    return _results(job, model, trainer, sets, device, started)
+
+def train_runs(jobs:list,            # `training_job`s that differ only in their seed (one `group` key)
+               device:torch.device,  # where to train
+              )->list:               # the results part of each record, in order
+    "Train the runs of `jobs` as one batched model (`RunGroup`), each resuming its own run, and evaluate each best checkpoint."
+    started = time.perf_counter()
+    runs = [_training(job, device) for job in jobs]
+    RunGroup([trainer for _, trainer, _ in runs]).fit()
+    return [_results(job, model, trainer, sets, device, started) for job, (model, trainer, sets) in zip(jobs, runs)]
 
 def run(method:str,                 # a key of METHODS
         seed:int,                   # seed of data pool, batch order and initial weights
@@ -235,7 +257,8 @@ def run_many(methods,                  # keys of METHODS
     preset = get_preset(preset)
     jobs = [training_job(m, s, preset, results_dir) for m in methods for s in seeds]
     executor = executor or ("local" if workers > 1 else "inline")
-    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} training runs")
+    batched = resolve_device(device).type == "cuda"     # a batched forward pays on a GPU; on one CPU thread it does not
+    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} training runs", group=batched)
 
 def load_records(results_dir, methods=None, seeds=None, preset:str|Preset|None=None)->list:
     "Records under `results_dir/records`, optionally filtered by methods, seeds and preset."

@@ -425,7 +425,9 @@ class RunGroup:
         sum(total for total, _ in results).backward()
         for slot, (i, (total, terms)) in enumerate(zip(active, results)):
             trainer = self.trainers[i]
-            for name in self.names: trainer.model.get_parameter(name).grad = leaves[name].grad[slot]
+            for name in self.names:                              # a weight no loss term reaches (e.g. B0's SAE) has no gradient
+                gradient = leaves[name].grad
+                trainer.model.get_parameter(name).grad = None if gradient is None else gradient[slot]
             trainer._update(step, total, terms, prepared[slot][1])
 
     def fit(self)->list:
