@@ -86,8 +86,9 @@ def run_job(job:Job,            # what to compute
     with file_lock(job.path):
         if not force and (record := current_record(job)) is not None: return record   # finished meanwhile
         device, started = _worker_device(resolve_device(device)), time.perf_counter()
-        with fixed_threads(job.threads): results = job.compute(job, device)
-        record = _record(job, results, device, time.perf_counter() - started)
+        with fixed_threads(job.threads):
+            results = job.compute(job, device)
+            record = _record(job, results, device, time.perf_counter() - started)   # records the fixed thread count
         atomic_write_json(job.path, record)
     return record
 
@@ -104,12 +105,13 @@ def run_group(jobs:list,          # jobs of one `group` (same key and `compute_g
         todo = [i for i in range(len(jobs)) if i not in records]
         if todo:
             device, started = _worker_device(resolve_device(device)), time.perf_counter()
-            with fixed_threads(jobs[todo[0]].threads): results = jobs[todo[0]].compute_group([jobs[i] for i in todo], device)
-            if len(results) != len(todo): raise RuntimeError(f"compute_group returned {len(results)} results for {len(todo)} jobs")
-            seconds, members = time.perf_counter() - started, [jobs[i].name for i in todo]
-            for i, result in zip(todo, results):
-                records[i] = _record(jobs[i], result, device, seconds, computed_with=members)
-                atomic_write_json(jobs[i].path, records[i])
+            with fixed_threads(jobs[todo[0]].threads):
+                results = jobs[todo[0]].compute_group([jobs[i] for i in todo], device)
+                if len(results) != len(todo): raise RuntimeError(f"compute_group returned {len(results)} results for {len(todo)} jobs")
+                seconds, members = time.perf_counter() - started, [jobs[i].name for i in todo]
+                fresh = {i: _record(jobs[i], result, device, seconds, computed_with=members) for i, result in zip(todo, results)}
+            for i, record in fresh.items(): atomic_write_json(jobs[i].path, record)
+            records.update(fresh)
     return [records[i] for i in range(len(jobs))]
 
 # %% ../nbs/10_runner.ipynb #537ee0d6
@@ -162,7 +164,7 @@ def run_jobs(jobs:list,               # `Job`s
              force:bool=False,        # recompute every job
              log:bool=False,          # print one line per finished job (else a tqdm bar on a terminal)
              label:str="jobs",        # what the bar or the lines call the jobs
-             group:bool=True,         # compute the pending jobs of one `group` key together (`run_group`)
+             group:bool=False,        # compute the pending jobs of one `group` key together (`run_group`)
             )->list:                  # records, in the order of `jobs`
     "Records of all `jobs`: current ones read, the others computed by `executor`; failures raised after the rest."
     check_executor(executor); check_integer(workers, "workers", low=1); resolve_device(device)
