@@ -178,10 +178,12 @@ def suite(arguments) -> dict:
     def save():
         if arguments.out: arguments.out.parent.mkdir(parents=True, exist_ok=True); arguments.out.write_text(json.dumps(result, indent=1) + "\n")
     for method in arguments.methods.split(",") if "throughput" in arguments.parts else ():
-        peers = ([("source", arguments.source, 512, True)] if arguments.source else []) + \
-                [("eager", None, 512, False), ("compiled", None, 512, True), ("compiled", None, 4096, False)]
-        peers = [(engine, source, batch, profiled, 1) for engine, source, batch, profiled in peers] + \
-                [("compiled", None, 1024, False, 5), ("compiled", None, 1024, False, 10)]
+        peers = []
+        for spec in arguments.peers.split(","):                  # engine:batch[:runs][:profile], engine 'source' = --source
+            engine, batch, *rest = spec.split(":")
+            if engine == "source" and not arguments.source: continue
+            runs = int(rest[0]) if rest and rest[0].isdigit() else 1
+            peers.append((engine, arguments.source if engine == "source" else None, int(batch), "profile" in rest, runs))
         for engine, source, batch, profiled, runs in peers:
             extra = ["--method", method, "--batch-size", str(batch), "--groups", str(max(2, batch // 128)), "--steps", str(arguments.steps),
                      "--warmup", str(arguments.warmup), "--runs", str(runs)] + (["--source", source] if source else ["--engine", engine]) + \
@@ -227,6 +229,8 @@ def main(argv=None):
     parser.add_argument("--suite", action="store_true", help="run every peer side by side (subprocesses) and write --out")
     parser.add_argument("--parts", default="throughput,competence", help="which parts of the suite to run (results merge into --out)")
     parser.add_argument("--methods", default="B0,proposed", help="the suite's methods")
+    parser.add_argument("--peers", default="source:512:profile,eager:512,compiled:512:profile,compiled:4096,compiled:1024:5,compiled:1024:10",
+                        help="the suite's throughput rows: engine:batch[:runs][:profile], engine one of source, eager, compiled")
     parser.add_argument("--child-timeout", type=float, default=300, help="seconds allowed to each measurement of the suite")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
