@@ -20,14 +20,14 @@ from .provenance import check_integer
 
 # %% ../nbs/06_losses.ipynb #626441f0
 def _check_grids(logits:torch.Tensor, targets:torch.Tensor)->None:
-    "Check that `logits` [B, C, H, W] float and `targets` [B, H, W] integer colours in 0..C-1 agree."
+    "Check that `logits` [B, C, H, W] float and `targets` [B, H, W] integer colours in 0..C-1 agree (values only on the CPU: reading them would stall a GPU step)."
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim != 4:
         raise TypeError(f"logits must be a float tensor [B, C, H, W], got {getattr(logits, 'shape', type(logits))}")
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor [B, H, W], got {getattr(targets, 'dtype', type(targets))}")
     if targets.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(f"targets must have shape {[logits.shape[0], *logits.shape[2:]]} to match logits {list(logits.shape)}, got {list(targets.shape)}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
+    if targets.device.type == "cpu" and targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
         raise ValueError(f"targets must be colours in 0..{logits.shape[1] - 1}, got values in {targets.min().item()}..{targets.max().item()}")
 
 # %% ../nbs/06_losses.ipynb #94b03cb6

@@ -12,6 +12,7 @@ import copy, csv, math, pickle, sys, time, warnings, zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 from .provenance import CorruptFile, atomic_path, check_integer, check_number
 from .tasks import TaskBatch
@@ -405,7 +406,7 @@ class RunGroup:
     def _one(self, weights:dict, fields:dict)->tuple:
         "One run's `training_outputs`, computed functionally from its weights (the body of the vmap)."
         amp = self.trainers[0].config.amp and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp), sdpa_kernel(SDPBackend.MATH):   # the fused kernels reject vmapped strides
             arguments = tuple(fields.get(name) for name in _STACKED_FIELDS)
             output = torch.func.functional_call(self.template, weights, arguments, {"check": False})
         return tuple(value.float() for value in (output.logits, output.h, output.z, output.h_hat, output.primitive_logits))
