@@ -399,6 +399,9 @@ class RunGroup:
             trainer.optimizer.load_state_dict(state)          # a resumed run keeps its moments (same parameter order)
             trainer._good = copy.deepcopy(trainer._snapshot())
         if compile is None: compile = self.device.type == "cuda" and first.config.steps >= COMPILE_MIN_STEPS
+        if self.device.type == "cuda" and first.config.amp and not compile:   # seen with torch 2.11 on an H100
+            raise ValueError("compile must be True for a group on CUDA with amp: eager vmap under bfloat16 autocast fails in backward "
+                             "('expected input and grad types to match')")
         batched = torch.func.vmap(self._one, randomness="different")
         self.forward = torch.compile(batched, mode="reduce-overhead", dynamic=False) if compile else batched
         self.compiled = bool(compile)
