@@ -156,8 +156,8 @@ def test_jupyterlab_runs_the_widgets_notebook_and_explorers_answer_clicks(tmp_pa
         page.wait_for_function(finished, timeout=240_000, polling=500)
         note_processes()
         attention, rotation = page.locator(".so8lab-attention-explorer").first, page.locator(".so8lab-rotation-explorer").first
-        attention.locator(".js-plotly-plot .hm").first.wait_for(timeout=30_000)
-        rotation.locator(".js-plotly-plot .hm").first.wait_for(timeout=30_000)
+        attention.locator(".js-plotly-plot .hm").first.wait_for(timeout=90_000)
+        rotation.locator(".js-plotly-plot .hm").first.wait_for(timeout=90_000)
         assert page.locator(".jp-OutputArea-output", has_text="Traceback").count() == 0
 
         # AttentionExplorer: click cell (row 5, column 6) of the input grid (2nd subplot); the kernel answers with a redraw
