@@ -379,7 +379,7 @@ def _swap_parameter(model:torch.nn.Module, name:str, parameter:torch.nn.Paramete
 class RunGroup:
     "Runs of one architecture and schedule trained as one batched model: a stacked, vmapped forward; per-run objective, optimizer, checks and records."
     def __init__(self, trainers:list,           # `Trainer`s of models with one configuration, sharing steps, eval_every, amp and batch size
-                 compile:bool|None=None):       # compile the batched forward (CUDA graphs); None: on CUDA for >= COMPILE_MIN_STEPS steps
+                 compile:bool|None=None):       # compile the batched forward (CUDA graphs); None: on CUDA (whatever the run length)
         if not trainers or not all(isinstance(t, Trainer) for t in trainers): raise ValueError("trainers must be a non-empty list of Trainer")
         first = trainers[0]
         for name in ("steps", "eval_every", "amp"):
@@ -398,7 +398,7 @@ class RunGroup:
             state, trainer.optimizer = trainer.optimizer.state_dict(), make_optimizer(trainer.model, trainer.config)
             trainer.optimizer.load_state_dict(state)          # a resumed run keeps its moments (same parameter order)
             trainer._good = copy.deepcopy(trainer._snapshot())
-        if compile is None: compile = self.device.type == "cuda" and first.config.steps >= COMPILE_MIN_STEPS
+        if compile is None: compile = self.device.type == "cuda"           # on CUDA the eager batched path fails under amp (below)
         if self.device.type == "cuda" and first.config.amp and not compile:   # seen with torch 2.11 on an H100
             raise ValueError("compile must be True for a group on CUDA with amp: eager vmap under bfloat16 autocast fails in backward "
                              "('expected input and grad types to match')")
