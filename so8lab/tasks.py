@@ -233,12 +233,7 @@ class GroupedBatchSampler:
 
     def __getitem__(self, index:int)->TaskBatch:
         "Batch number `index`."
-        key = stream_key("grouped-compositions", self.split, self.seed)
-        bits = random_bits(key, torch.tensor([index]), len(self.composition_table))[0]
-        chosen = self.composition_table[bits.argsort()[:self.groups]].sort().values
-        return sample_tasks(self.batch_size, self.split, self.seed, self.device, start=index * self.batch_size,
-                            composition=chosen.repeat_interleave(self.group_size).to(self.device),
-                            with_demo=self.with_demo, config=self.config, stream="grouped")
+        return self.batches(index, 1)
 
     def batches(self, first:int, count:int)->TaskBatch:
         "Batches `first` .. `first + count - 1` drawn as one `TaskBatch` (equal to concatenating `self[first + i]`)."
@@ -277,12 +272,7 @@ class PoolSampler:
 
     def __getitem__(self, index:int)->TaskBatch:
         "Batch number `index`."
-        key = stream_key("pool-batches", self.seed)
-        bits = random_bits(key, torch.tensor([index]), len(self.eligible) + self.batch_size)[0]
-        chosen = self.eligible[bits[:len(self.eligible)].argsort()[:self.groups]].sort().values
-        members = uniform_int(bits[len(self.eligible):].view(self.groups, self.group_size), self.counts[chosen, None])
-        picks = self.order[(self.offsets[chosen, None] + members).flatten()]
-        return self.pool[picks.to(self.pool.inputs.device)]
+        return self.batches(index, 1)
 
     def batches(self, first:int, count:int)->TaskBatch:
         "Batches `first` .. `first + count - 1` gathered from the pool at once (equal to concatenating `self[first + i]`)."
