@@ -256,7 +256,6 @@ def run_many(methods,                  # keys of METHODS
     "Run every (method, seed) pair that has no matching record yet; returns all the records."
     preset = get_preset(preset)
     jobs = [training_job(m, s, preset, results_dir) for m in methods for s in seeds]
-    executor = executor or ("local" if workers > 1 else "inline")
     batched = resolve_device(device).type == "cuda"     # a batched forward pays on a GPU; on one CPU thread it does not
     return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} training runs", group=batched)
 

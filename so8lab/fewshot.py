@@ -350,7 +350,6 @@ def fewshot_records(base_methods=None,          # base runs to adapt; default: t
     if not seeds: raise ValueError("seeds must be a non-empty list of non-negative integers, got []")
     for seed in seeds: check_integer(seed, "seeds", low=0)
     jobs = [fewshot_job(m, s, preset, results_dir, settings) for m in settings.base_methods for s in seeds]
-    executor = executor or ("local" if workers > 1 else "inline")
     return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} few-shot studies")
 
 def fewshot_study(base_methods=None, seeds=None, preset:str|Preset="cpu", results_dir="runs", compositions:int|None=None,

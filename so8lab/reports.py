@@ -11,10 +11,9 @@ import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
 from .provenance import (REPOSITORY, atomic_write, atomic_write_json, check_integer, code_identity, config_hash,
                                current_umask, environment, read_json)
-from .runner import check_executor, resolve_device
+from .runner import check_executor, resolve_device, run_jobs
 from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
-from .runner import run_jobs
 from .sharing import sharing_jobs
 
 # %% ../nbs/18_reports.ipynb #fd5b32c5
@@ -165,7 +164,7 @@ def prepare_records(names,                 # report names (keys of REPORTS)
         found["fewshot"] = fewshot_records(None, seeds, preset, results_dir, device=device, workers=workers, executor=executor, log=log)
     if "H4_sharing" in names:
         jobs = sharing_jobs(preset, results_dir, seeds, parameters.get("inputs_per_group"), parameters.get("compositions"))
-        found["sharing"] = run_jobs(jobs, executor or ("local" if workers > 1 else "inline"), workers, device, log=log,
+        found["sharing"] = run_jobs(jobs, executor, workers, device, log=log,
                                     label=f"{preset.name} sharing analyses")
     return found
 

@@ -158,7 +158,7 @@ class JobsFailed(RuntimeError):
     "Some jobs failed; the records of the others were written (a rerun computes only the missing ones)."
 
 def run_jobs(jobs:list,               # `Job`s
-             executor:str="inline",   # 'inline', 'local' or a Dask scheduler address
+             executor:str|None=None,  # 'inline', 'local' or a Dask scheduler address; None: 'local' when workers > 1
              workers:int=1,           # worker processes of a local cluster
              device=None,             # see `resolve_device`; on a multi-GPU host 'cuda' spreads workers over GPUs
              force:bool=False,        # recompute every job
@@ -167,6 +167,7 @@ def run_jobs(jobs:list,               # `Job`s
              group:bool=False,        # compute the pending jobs of one `group` key together (`run_group`)
             )->list:                  # records, in the order of `jobs`
     "Records of all `jobs`: current ones read, the others computed by `executor`; failures raised after the rest."
+    executor = executor or ("local" if workers > 1 else "inline")
     check_executor(executor); check_integer(workers, "workers", low=1); resolve_device(device)
     records = {} if force else {i: r for i, job in enumerate(jobs) if (r := current_record(job)) is not None}
     pending, failures, started = [i for i in range(len(jobs)) if i not in records], {}, time.perf_counter()
