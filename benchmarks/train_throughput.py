@@ -27,16 +27,17 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 ONE_MILLION = {"patch_size": 2, "layers": 2, "mlp_ratio": 2.0, "sae_width": 1536}
 TOKENS = {"1m": 16 + 9, "default": 64 + 9}                                           # encoder tokens per sample
+COMPILE = {"auto": None, "eager": False, "compiled": True}                           # --engine as the trainer's `compile`
 
 
-def profile_steps(trainer, first: int, steps: int, device: str) -> dict:
+def profile_steps(train_step, first: int, steps: int, device: str) -> dict:
     "Per-step breakdown of `steps` more training steps under torch.profiler: wall and GPU time, kernel launches, host syncs, top ops."
     import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     started = time.perf_counter()
     with profile(activities=activities) as profiler:
-        for step in range(first, first + steps): trainer._train_step(step)
+        for step in range(first, first + steps): train_step(step)
         if device == "cuda": torch.cuda.synchronize()
     wall = (time.perf_counter() - started) / steps
     events = profiler.key_averages()
@@ -72,7 +73,7 @@ def _setup(arguments, steps: int, seed=None, **train_overrides):
     train = TrainConfig(**{**method, "steps": steps, "share_k": min(16, arguments.batch_size // arguments.groups - 1),
                            "warmup_steps": 1, "amp": True, **train_overrides})
     validation = sample_tasks(arguments.val_size, "val", seed=seed, device=arguments.device)
-    options = {} if arguments.source else {"compile": {"auto": None, "eager": False, "compiled": True}[arguments.engine]}
+    options = {} if arguments.source else {"compile": COMPILE[arguments.engine]}
     return model, Trainer(model, train, sampler, validation, device=arguments.device, progress=False, **options)
 
 
@@ -92,24 +93,26 @@ def measure(arguments) -> dict:
     started = time.perf_counter()
     total = arguments.warmup + arguments.steps + (20 if arguments.profile else 0)
     model, trainer = _setup(arguments, total)
+    train_step, compiled = trainer._train_step, getattr(trainer, "compiled", False)
     if arguments.runs > 1:                                  # one batched model of `runs` seeds (RunGroup)
         from so8lab.training import RunGroup
         group = RunGroup([trainer] + [_setup(arguments, total, seed=arguments.seed + r)[1] for r in range(1, arguments.runs)],
-                         compile={"auto": None, "eager": False, "compiled": True}[arguments.engine])
-        trainer = type("GroupStep", (), {"_train_step": lambda self, step: group._step(step, list(range(arguments.runs))), "compiled": group.compiled})()
-    for step in range(arguments.warmup): trainer._train_step(step)
+                         compile=COMPILE[arguments.engine])
+        everyone = list(range(arguments.runs))
+        train_step, compiled = (lambda step: group._step(step, everyone)), group.compiled
+    for step in range(arguments.warmup): train_step(step)
     if arguments.device == "cuda": torch.cuda.synchronize()
     warm_seconds, started = time.perf_counter() - started, time.perf_counter()
-    for step in range(arguments.warmup, arguments.warmup + arguments.steps): trainer._train_step(step)
+    for step in range(arguments.warmup, arguments.warmup + arguments.steps): train_step(step)
     if arguments.device == "cuda": torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    breakdown = profile_steps(trainer, arguments.warmup + arguments.steps, min(arguments.steps, 20), arguments.device) if arguments.profile else None
+    breakdown = profile_steps(train_step, arguments.warmup + arguments.steps, min(arguments.steps, 20), arguments.device) if arguments.profile else None
     parameters = count_parameters(model)
     rate = arguments.runs * arguments.batch_size * arguments.steps / seconds
     return {"samples_per_s": rate, "runs": arguments.runs, "samples_per_s_per_run": rate / arguments.runs, "seconds_per_step": seconds / arguments.steps, "setup_and_warmup_s": warm_seconds,
             "n_params": parameters, "model_gflop_per_s": rate * 6 * parameters * TOKENS[arguments.config] / 1e9,
             "profile": breakdown, "engine": "source " + arguments.source if arguments.source else arguments.engine,
-            "compiled": bool(getattr(trainer, "compiled", False)), "method": arguments.method, "config": arguments.config,
+            "compiled": bool(compiled), "method": arguments.method, "config": arguments.config,
             "batch_size": arguments.batch_size, "groups": arguments.groups, "steps": arguments.steps, "warmup": arguments.warmup,
             **_environment(arguments)}
 
