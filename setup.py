@@ -11,7 +11,8 @@ cfg = config['DEFAULT']
 requirements = cfg.get('requirements', '').split()
 # Everything else the workbench uses: notebooks, papermill reports, widgets, tests, benchmarks.
 dev_requirements = """triton nbdev execnb fastcore ghapi jupyterlab ipykernel ipywidgets anywidget plotly matplotlib
-papermill nbformat nbclient nbconvert pytest pytest-xdist hypothesis tensorboard pandas playwright psutil bokeh""".split()
+papermill nbformat nbclient nbconvert pytest pytest-xdist hypothesis tensorboard pandas playwright psutil bokeh
+statsmodels lifelines""".split()
 
 setuptools.setup(
     name=cfg['lib_name'],

@@ -5,7 +5,7 @@ One measurement (prints one JSON object):
     python benchmarks/train_throughput.py --threads 1 --batch-size 64 --steps 100 --json
 
 measures `--steps` steps after `--warmup` steps of the ~1M-parameter configuration (d_model 128, patch size 2,
-2 encoder layers and 1 decoder layer with MLP ratio 2, SAE width 1536: 968,470 parameters) with the proposed
+2 encoder layers and 1 decoder layer with MLP ratio 2, SAE width 1536: 967,702 parameters) with the proposed
 objective; `--config default` measures `ModelConfig()`, the plan model (1.16M parameters, patch size 1, 73 tokens
 per sample). Batches come from `GroupedBatchSampler` (`--groups` composition groups, generated on the device for
 every step, as in training). The device is synchronised once after the timed steps (a trainer that synchronises

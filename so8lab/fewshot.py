@@ -176,7 +176,7 @@ def _fit(adapted, method, support, validation, max_steps, learning_rate, patienc
     def snapshot(step): snapshots.append((step, {name: p.detach().cpu().clone() for name, p in named}))
     config = TrainConfig(steps=max_steps, learning_rate=learning_rate, weight_decay=0.0, warmup_steps=0, final_lr_fraction=1.0,
                          share_weight=0.0, sae_weight=0.0, primitive_weight=0.0, sae_l1=0.0, eval_every=eval_every,
-                         log_every=max_steps, targets=(), amp=False, grad_clip=1.0)
+                         log_every=max_steps, targets=(), amp=False, grad_clip=1.0, selection=("iou",))
     trainer = Trainer(adapted, config, _RepeatedBatch(support), validation, progress=False, patience=patience,
                       validate_first=True, set_modes=_train_modes, on_validate=snapshot if keep_snapshots else None)
     started = time.perf_counter()

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['TASK_LOSSES', 'SCHEDULES', 'DEFAULT_WEIGHTS', 'soft_iou_loss', 'task_loss', 'cell_accuracy', 'exact_match',
-           'mean_iou', 'TopKProjector', 'topk_projector', 'share_loss', 'block_share_loss', 'EMAProjector', 'sae_loss',
-           'sae_statistics', 'DeadUnitTracker', 'SAECoefficientController', 'primitive_loss', 'Schedule', 'LossManager']
+           'mean_iou', 'changed_cell_accuracy', 'TopKProjector', 'topk_projector', 'share_loss', 'block_share_loss',
+           'EMAProjector', 'sae_loss', 'sae_statistics', 'DeadUnitTracker', 'SAECoefficientController',
+           'primitive_loss', 'Schedule', 'LossManager']
 
 # %% ../nbs/06_losses.ipynb #002c7a48
 import math
@@ -106,6 +107,22 @@ def mean_iou(predictions:torch.Tensor,   # [B, H, W] colours or [B, C, H, W] log
     present = union > 0
     per_colour = torch.where(present, intersection / union.clamp_min(1), 0)
     return _reduce(per_colour.sum(dim=1) / present.sum(dim=1), per_sample)
+
+# %% ../nbs/06_losses.ipynb #8f62d16c
+@torch.no_grad()
+def changed_cell_accuracy(predictions:torch.Tensor,  # [B, H, W] colours or [B, C, H, W] logits
+                          targets:torch.Tensor,      # [B, H, W] integer colours
+                          inputs:torch.Tensor,       # [B, H, W] input colours: cells with targets != inputs are the changed ones
+                          per_sample:bool=False,     # return [B] values (NaN where nothing changed) instead of their mean
+                         )->torch.Tensor:            # fraction of changed cells predicted right (mean over samples with one)
+    "Accuracy on the cells the program changes; samples without a changed cell are NaN and left out of the mean."
+    predictions = _predicted_colours(predictions, targets)
+    if not isinstance(inputs, torch.Tensor) or inputs.shape != targets.shape:
+        raise ValueError(f"inputs must have the shape of targets {list(targets.shape)}, got {list(getattr(inputs, 'shape', [type(inputs).__name__]))}")
+    changed = (targets != inputs).flatten(1)
+    correct = (changed & (predictions == targets).flatten(1)).sum(dim=1)
+    values = correct.float() / changed.sum(dim=1).float()    # 0/0 = NaN: nothing changed
+    return values if per_sample else values.nanmean()
 
 # %% ../nbs/06_losses.ipynb #54410cba
 class TopKProjector(torch.autograd.Function):

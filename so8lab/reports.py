@@ -118,9 +118,22 @@ def run_report(name:str,                 # a key of REPORTS
     return final
 
 # %% ../nbs/18_reports.ipynb #e2ee8cc2
+def _summary_cell(value)->str:
+    "A table cell: floats to 3 decimals, the rest as text."
+    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
+
+def _summary_table(run:dict)->list:
+    "Markdown lines of a report's `summary_table` (title, columns, rows), if its results carry one."
+    table = run["results"].get("summary_table")
+    if not table: return []
+    columns = table["columns"]
+    return (["", f"**{run['report']} ({run['config'].get('preset', '')}): {table['title']}**", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_summary_cell(row.get(column)) for column in columns) + " |" for row in table["rows"]])
+
 def write_summary(out="reports",          # root holding one directory per report
                  )->Path:                 # path of summary.md
-    "Write `out/summary.md`: the verdict table of all reports, then one provenance line per report."
+    "Write `out/summary.md`: the verdict table of all reports, the tables they ask to show, then one provenance line per report."
     out = Path(out)
     runs = [read_json(p) for p in sorted(out.glob("*/results.json"))]
     renders = {run["report"]: read_json(out / run["report"] / "render.json") if (out / run["report"] / "render.json").exists() else {}
@@ -132,6 +145,7 @@ def write_summary(out="reports",          # root holding one directory per repor
     for run in runs:
         for row in run["verdicts"]:
             lines.append(f"| {row['hypothesis']} | {row['question']} | **{row['verdict']}** | {row.get('evidence', '')} |")
+    for run in runs: lines += _summary_table(run)
     lines += ["", "| report | preset | code | config hash | rendered on | trained on | created | seconds |",
               "|---|---|---|---|---|---|---|---|"]
     for run in runs:

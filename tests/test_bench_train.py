@@ -11,7 +11,7 @@ def test_train_throughput_prints_json():
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(result.stdout)
-    assert payload["samples_per_s"] > 0 and payload["n_params"] == 968_470
+    assert payload["samples_per_s"] > 0 and payload["n_params"] == 967_702
     assert (payload["batch_size"], payload["steps"], payload["threads"]) == (16, 2, 1)
 
 

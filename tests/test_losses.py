@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 import so8lab.losses as losses
 from so8lab.losses import (DEFAULT_WEIGHTS, DeadUnitTracker, EMAProjector, LossManager, SAECoefficientController,
-                           Schedule, TopKProjector, cell_accuracy, exact_match, mean_iou, primitive_loss, sae_loss,
+                           Schedule, TopKProjector, cell_accuracy, changed_cell_accuracy, exact_match, mean_iou, primitive_loss, sae_loss,
                            sae_statistics, share_loss, soft_iou_loss, task_loss, topk_projector)
 
 seeds = st.integers(0, 2**31 - 1)
@@ -404,6 +404,44 @@ def test_metrics_accept_logits_and_need_no_grad():
         value = metric(logits, targets)
         assert value.item() == 1.0 and not value.requires_grad
     with pytest.raises(ValueError, match="predictions must have the shape of targets"): mean_iou(targets[:, :4], targets)
+
+
+
+def changed_accuracy_reference(prediction, target, source):
+    "Changed-cell accuracy of one grid by a loop over cells (lists of lists); None when the program changed no cell."
+    changed = [(r, c) for r in range(len(target)) for c in range(len(target[0])) if target[r][c] != source[r][c]]
+    if not changed: return None
+    return sum(prediction[r][c] == target[r][c] for r, c in changed) / len(changed)
+
+
+@settings(max_examples=80)
+@given(seed=seeds, batch=st.integers(1, 5), colours=st.integers(1, 5), side=st.integers(1, 8), change=st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+def test_changed_cell_accuracy_matches_brute_force(seed, batch, colours, side, change):
+    generator = torch.Generator().manual_seed(seed)
+    def noise(): return torch.randint(0, colours, (batch, side, side), generator=generator, dtype=torch.uint8)
+    def mask(rate): return torch.rand(batch, side, side, generator=generator) < rate
+    inputs = noise()
+    targets = torch.where(mask(change), noise(), inputs)
+    predictions = torch.where(mask(0.4), noise(), targets).long()
+    p, t, x = predictions.tolist(), targets.tolist(), inputs.tolist()
+    expected = [changed_accuracy_reference(p[b], t[b], x[b]) for b in range(batch)]
+    logits = 3.0 * torch.nn.functional.one_hot(predictions, colours).movedim(-1, 1).float()
+    for argument in (predictions, logits):
+        values = changed_cell_accuracy(argument, targets, inputs, per_sample=True).tolist()
+        assert [math.isnan(v) for v in values] == [e is None for e in expected]
+        np.testing.assert_allclose([v for v in values if not math.isnan(v)], [e for e in expected if e is not None], atol=1e-6)
+        defined, mean = [e for e in expected if e is not None], changed_cell_accuracy(argument, targets, inputs).item()
+        assert math.isnan(mean) if not defined else abs(mean - np.mean(defined)) < 1e-6
+
+
+def test_changed_cell_accuracy_of_copying_the_input_is_zero_and_errors_name_the_argument():
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randint(0, 4, (6, 8, 8), generator=generator)
+    targets = inputs.clone(); targets[:, 0] = (inputs[:, 0] + 1) % 4
+    assert changed_cell_accuracy(inputs, targets, inputs).item() == 0.0
+    assert changed_cell_accuracy(targets, targets, inputs).item() == 1.0
+    with pytest.raises(ValueError, match="inputs must have the shape of targets"): changed_cell_accuracy(targets, targets, inputs[:, :4])
+    with pytest.raises(ValueError, match="predictions must have the shape of targets"): changed_cell_accuracy(targets[:, :4], targets, inputs)
 
 
 # ---------------------------------------------------------------- SAE

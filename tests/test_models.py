@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-from so8lab.models import (CONDITIONINGS, ENCODERS, FUSIONS, Attention, GridModel, ModelConfig, SparseAutoencoder,
-                           TokenLayout, attention_weights, count_parameters, patchify, unpatchify)
+import math
+from so8lab.models import (CONDITIONINGS, ENCODERS, FUSIONS, PROGRAM_ENCODINGS, Attention, GridModel, ModelConfig,
+                           SparseAutoencoder, TokenLayout, attention_weights, count_parameters, patchify, step_code, unpatchify)
 from so8lab.primitives import composition_id
 from so8lab.tasks import sample_tasks
 
@@ -294,7 +295,8 @@ def test_sparse_autoencoder_formula_and_unit_norm(dim, width, seed):
                                          ("num_colors", 11), ("d_model", 0), ("d_model", 32.0), ("bottleneck_dim", 0),
                                          ("layers", 1), ("layers", 5), ("heads", 0), ("patch_size", 4), ("patch_size", True),
                                          ("mlp_ratio", -1.0), ("mlp_ratio", "4"), ("dropout", -0.1), ("dropout", 1.0),
-                                         ("sae_width", 0), ("program_layers", -1), ("decoder_layers", 9)])
+                                         ("sae_width", 0), ("program_layers", -1), ("decoder_layers", 9),
+                                         ("program_encoding", "relative"), ("program_encoding", None)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field): ModelConfig(**{field: value})
 
@@ -344,7 +346,7 @@ def test_parameter_count_by_hand(d, ratio, layers, patch, width):
     m, colours = round(d * ratio), 4
     config = ModelConfig(d_model=d, mlp_ratio=ratio, layers=layers, patch_size=patch, sae_width=width, bottleneck_dim=d, heads=4)
     embedding = patch * patch * colours * d + d + 2 * (8 // patch) * d + 4 * d
-    program = 19 * d + 9 * d + block(d, m)
+    program = 19 * d + 3 * d + block(d, m)              # token embedding, 3 role rows (program_encoding='step')
     bottleneck = 2 * (d * d + d)
     decoder = block(d, m) + 2 * d + d * patch * patch * colours + patch * patch * colours
     sae, primitive = 2 * d * width + width + d, 6 * d + 6
@@ -354,6 +356,7 @@ def test_parameter_count_by_hand(d, ratio, layers, patch, width):
     assert count_parameters(GridModel(replace(config, fusion="cross_attention"))) == concat + gates
     gru = 2 * d + 2 * 3 * (2 * d * d + 2 * d) + 2 * d * d + d
     assert count_parameters(GridModel(replace(config, encoder="gru"))) == concat + layers * (gru - block(d, m))
+    assert count_parameters(GridModel(replace(config, program_encoding="absolute"))) == concat + 6 * d   # 9 rows, not 3
 
 
 def test_count_parameters_trainable_only():
@@ -400,3 +403,84 @@ def test_overfits_a_small_batch_of_one_composition(conditioning, fusion, name):
         if accuracy == 1.0: break
         optimizer.zero_grad(); F.cross_entropy(logits, data.outputs.long()).backward(); optimizer.step()
     assert accuracy == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Program encoding (issue 12): a length-3 program reads nothing that length-1/2 training leaves untrained
+
+def nonzero_gradient_entries(model, batch):
+    """The set of (parameter name, flat index) whose gradient of the training loss on `batch` is nonzero, in float64:
+    some gradients are zero in exact arithmetic but not in float32 (a key bias shifts every score of a query
+    equally, and softmax ignores that), so "nonzero" means above float64 rounding (1e-10)."""
+    model.double()
+    for p in model.parameters(): p.grad = None
+    out = model.forward_batch(batch)
+    loss = F.cross_entropy(out.logits, batch.outputs.long()) + F.binary_cross_entropy_with_logits(out.primitive_logits, batch.multi_hot)
+    loss.backward()
+    return {(name, int(i)) for name, p in model.named_parameters() if p.grad is not None
+            for i in torch.nonzero(p.grad.flatten().abs() > 1e-10).flatten()}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_length_3_programs_read_only_trained_entries(fusion):
+    """After a backward pass on length-1/2 programs, every parameter entry a length-3 forward pass reads has a
+    nonzero gradient with program_encoding='step'; with 'absolute' exactly rows 6-8 of token_position do not."""
+    short, long = sample_tasks(384, "train", seed=21), sample_tasks(48, "heldout", seed=21)
+    assert ((short.primitive >= 0).sum(1) <= 2).all() and ((long.primitive >= 0).sum(1) == 3).all()
+    d = TINY.d_model
+    for encoding in PROGRAM_ENCODINGS:
+        model = open_gates(model_for(seed=5, fusion=fusion, program_encoding=encoding), 0.5).train()
+        trained, read = nonzero_gradient_entries(model, short), nonzero_gradient_entries(model, long)
+        assert len(read) > 1000
+        never_trained = read - trained
+        if encoding == "step":
+            assert never_trained == set()
+            assert {("token_role", i) for i in range(3 * d)} <= trained
+        else:
+            assert never_trained == {("token_position", i) for i in range(6 * d, 9 * d)}   # rows 6, 7, 8
+
+
+def test_default_program_encoding_is_step():
+    assert ModelConfig().program_encoding == "step"
+    names = dict(model_for().named_parameters())
+    assert "token_role" in names and "token_position" not in names and names["token_role"].shape == (3, 32)
+    absolute = dict(model_for(program_encoding="absolute").named_parameters())
+    assert "token_position" in absolute and "token_role" not in absolute and absolute["token_position"].shape == (9, 32)
+
+
+def test_step_code_is_the_sinusoidal_formula():
+    for steps, d in ((3, 32), (5, 7)):
+        code = step_code(steps, d)
+        for s in range(steps):
+            for j in range(d):
+                angle = s / 10000 ** ((j - j % 2) / d)
+                assert abs(float(code[s, j]) - (math.sin(angle) if j % 2 == 0 else math.cos(angle))) < 1e-6
+
+
+def test_program_position_is_role_plus_step_code(batch):
+    model = model_for()
+    position, code = model.program_position(), step_code(3, 32)
+    for t in range(9):
+        torch.testing.assert_close(position[t], model.token_role[t % 3] + code[t // 3])
+    # the embedding of a program token is token + position + program segment
+    x = model.token_embedding(batch.tokens) + position + model.segment_embedding.weight[3]
+    manual = x
+    for block_ in model.context_encoder: manual = block_(manual, batch.tokens != 0)[0]
+    torch.testing.assert_close(model.encode_context(batch.tokens)[0], manual)
+
+
+def test_step_model_moves_its_code_with_the_model_and_keeps_it_out_of_the_state_dict():
+    model = model_for().double()
+    assert model.step_code.dtype == torch.float64
+    assert "step_code" not in model.state_dict() and "step_code" in dict(model.named_buffers())
+
+
+def test_checkpoints_of_the_other_encoding_give_a_clear_error():
+    absolute, step = model_for(seed=1, program_encoding="absolute"), model_for(seed=1)
+    fresh = model_for(seed=2, program_encoding="absolute")
+    fresh.load_state_dict(absolute.state_dict())                      # the pre-issue-12 name still loads
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), absolute.state_dict().values()))
+    with pytest.raises(ValueError, match="program_encoding='absolute'"): step.load_state_dict(absolute.state_dict())
+    with pytest.raises(ValueError, match="program_encoding='step'"): absolute.load_state_dict(step.state_dict())
+    result = step.load_state_dict(absolute.state_dict(), strict=False)   # non-strict loads behave as in torch
+    assert result.missing_keys == ["token_role"] and result.unexpected_keys == ["token_position"]

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import stats as scipy_stats
 
-from so8lab.stats import (Comparison, Verdict, bootstrap_ci, cohens_d, cohens_dz, compare, comparison_table,
-                          difference_ci, hedges_correction, hedges_g, holm, markdown_table, plot_comparison, verdict)
+from so8lab.stats import (BELOW_COMPETENCE, Comparison, Verdict, ablation_table, bootstrap_aggregates, bootstrap_ci, cohens_d,
+                          cohens_dz, compare, compare_methods, comparison_table, difference_ci, event_groups, hedges_correction,
+                          hedges_g, holm, interquartile_mean, kaplan_meier, logrank, markdown_table, paired_t_tests, plot_comparison,
+                          plot_survival, primary_rows, primary_table, probability_of_improvement, seed_pairs, seeds_for_power,
+                          time_to_event_table, verdict, verdict_rows)
 
 
 # ---------------------------------------------------------------- Holm
@@ -386,7 +389,318 @@ def test_plot_comparison_draws_the_values():
     np.testing.assert_array_equal(ax.collections[2].get_offsets()[:, 1], result.baseline)
 
 
-def test_module_imports_without_pandas_or_matplotlib():
-    code = "import sys, so8lab.stats; print('pandas' in sys.modules, 'matplotlib' in sys.modules)"
+def test_module_imports_without_pandas_matplotlib_statsmodels_or_lifelines():
+    code = "import sys, so8lab.stats; print(*(m in sys.modules for m in ('pandas', 'matplotlib', 'statsmodels', 'lifelines')))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert output.split() == ["False", "False"]
+    assert output.split() == ["False"] * 4
+
+
+# ---------------------------------------------------------------- primary family: paired t-tests and TOST
+def t_reference(treatment, baseline, sesoi, confidence=0.95):
+    "Mean difference, t interval, one-sided p for > 0 and < 0, and TOST p, from the t distribution written out."
+    d = [a - b for a, b in zip(treatment, baseline)]
+    n = len(d)
+    mean = math.fsum(d) / n
+    se = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1)) / math.sqrt(n)
+    half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * se
+    t = mean / se
+    tost = max(scipy_stats.t.sf((mean + sesoi) / se, n - 1), scipy_stats.t.cdf((mean - sesoi) / se, n - 1))
+    return mean, mean - half, mean + half, scipy_stats.t.sf(t, n - 1), scipy_stats.t.cdf(t, n - 1), tost
+
+
+@given(st.integers(0, 10_000), st.integers(3, 15), st.floats(-0.1, 0.1), st.floats(0.005, 0.2), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_paired_t_tests_against_t_formulas(seed, n, shift, sesoi, higher_is_better):
+    rng = np.random.default_rng(seed)
+    baseline = rng.normal(0.5, 0.05, n)
+    treatment = baseline + shift + rng.normal(0, 0.03, n)
+    found = paired_t_tests(treatment, baseline, sesoi, higher_is_better)
+    mean, low, high, p_greater, p_less, tost = t_reference(treatment, baseline, sesoi)
+    better, worse = (p_greater, p_less) if higher_is_better else (p_less, p_greater)
+    np.testing.assert_allclose([found["difference"], found["difference_low"], found["difference_high"]], [mean, low, high], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([found["p_better"], found["p_worse"], found["p_equivalent"]], [better, worse, tost], rtol=1e-7, atol=1e-12)
+    assert found["seeds"] == n
+    assert found["d_z"] == pytest.approx(mean / (math.sqrt(n) * ((high - mean) / scipy_stats.t.ppf(0.975, n - 1))), rel=1e-9)
+
+
+def test_paired_t_tests_undefined_without_spread_and_bad_input():
+    found = paired_t_tests([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], sesoi=0.05)      # differences equal up to rounding
+    assert all(math.isnan(found[k]) for k in ("p_better", "p_worse", "p_equivalent"))
+    with pytest.raises(ValueError, match="sesoi must be a finite number in"): paired_t_tests([1.0, 2.0], [1.0, 1.5], sesoi=0)
+    with pytest.raises(ValueError, match="need at least 2 paired seeds"): paired_t_tests([1.0], [1.0], sesoi=0.1)
+    with pytest.raises(ValueError, match="paired=True needs treatment and baseline of equal length"):
+        paired_t_tests([1.0, 2.0, 3.0], [1.0, 2.0], sesoi=0.1)
+    with pytest.raises(TypeError, match="higher_is_better must be True or False"): paired_t_tests([1.0, 2.0], [1.0, 1.5], 0.1, "yes")
+
+
+def family_by_design(seed=0, n=10):
+    "Metrics whose answer is known: a large gain, a large loss, no effect with little spread, no effect with much spread."
+    rng = np.random.default_rng(seed)
+    base, noise = rng.normal(0.5, 0.05, n), rng.normal(0, 0.08, n)
+    return {"gain": (base + 0.05 + rng.normal(0, 0.01, n), base), "loss": (base - 0.05 + rng.normal(0, 0.01, n), base),
+            "flat": (base + rng.normal(0, 0.004, n), base), "noisy": (base + noise - noise.mean(), base)}   # mean difference 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_primary_table_labels_and_holm_per_kind(seed):
+    pairs = family_by_design(seed)
+    table = primary_table(pairs, dict.fromkeys(pairs, 0.02))
+    assert table.verdict.tolist() == ["supported", "worse", "equivalent", "inconclusive"]
+    references = [t_reference(*pair, 0.02) for pair in pairs.values()]
+    for column, k in (("p_better", 3), ("p_worse", 4), ("p_equivalent", 5)):
+        raw = [r[k] for r in references]
+        np.testing.assert_allclose(table[column], raw, rtol=1e-7)
+        np.testing.assert_allclose(table[column + "_holm"], holm_reference(raw), rtol=1e-7)   # one family per kind
+    assert table.metric.tolist() == list(pairs) and (table.comparison == table.metric + ": proposed vs B0").all()
+    assert set(table.competence) == {""}
+
+
+def test_primary_verdict_rule_by_hand():
+    "The rule applied literally to Holm p-values computed by the reference functions."
+    for seed in range(8):
+        pairs = family_by_design(seed, n=6)
+        table = primary_table(pairs, dict.fromkeys(pairs, 0.03), alpha=0.1)
+        references = [t_reference(*pair, 0.03) for pair in pairs.values()]
+        better, worse, equivalent = (holm_reference([r[k] for r in references]) for k in (3, 4, 5))
+        for i, label in enumerate(table.verdict):
+            expected = ("equivalent" if equivalent[i] < 0.1 else "supported" if better[i] < 0.1
+                        else "worse" if worse[i] < 0.1 else "inconclusive")
+            assert label == expected
+
+
+def test_significant_but_trivial_gain_is_equivalent_not_supported():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.5, 0.05, 20)
+    tiny = {"iou": (base + 0.005 + rng.normal(0, 0.002, 20), base)}
+    table = primary_table(tiny, {"iou": 0.02})
+    assert table.p_better_holm[0] < 0.05 and table.p_equivalent_holm[0] < 0.05
+    assert table.verdict[0] == "equivalent" and "better but by less than the SESOI" in table.reason[0]
+    assert primary_table(tiny, {"iou": 0.001}).verdict[0] == "supported"        # above a smaller SESOI it matters
+
+
+def test_lower_is_better_and_competence_gate():
+    pairs = family_by_design(0)
+    lower = primary_table(pairs, dict.fromkeys(pairs, 0.02), higher_is_better={m: False for m in pairs})
+    assert lower.verdict.tolist() == ["worse", "supported", "equivalent", "inconclusive"]
+    assert set(lower.direction) == {"lower"}
+    gated = primary_table(pairs, dict.fromkeys(pairs, 0.02), competent=False, competence="B0 IoU 0.08 < 0.30")
+    assert set(gated.verdict) == {BELOW_COMPETENCE} and set(gated.competence) == {"B0 IoU 0.08 < 0.30"}
+    rows = primary_rows(gated, "H1", "{metric}")
+    assert all(r["evidence"].endswith("; below competence: B0 IoU 0.08 < 0.30") for r in rows)
+
+
+def test_primary_table_bad_input():
+    pairs = family_by_design(0)
+    with pytest.raises(ValueError, match="pairs is empty"): primary_table({}, {})
+    with pytest.raises(ValueError, match=r"sesoi has no value for \['loss', 'flat', 'noisy'\]"): primary_table(pairs, {"gain": 0.1})
+    with pytest.raises(ValueError, match=r"higher_is_better has no value for \['flat', 'noisy'\]"):
+        primary_table(pairs, dict.fromkeys(pairs, 0.1), higher_is_better={"gain": True, "loss": True})
+    with pytest.raises(ValueError, match=r"sesoi\['gain'\] must be a finite number in \(0, inf\)"): primary_table(pairs, dict.fromkeys(pairs, 0.0))
+    with pytest.raises(ValueError, match="alpha must be"): primary_table(pairs, dict.fromkeys(pairs, 0.1), alpha=1.0)
+    with pytest.raises(TypeError, match="competent must be True or False"): primary_table(pairs, dict.fromkeys(pairs, 0.1), competent="no")
+
+
+def test_primary_rows_keep_the_verdict_rows_keys():
+    import pandas as pd
+    frame = pd.DataFrame({"method": ["B0"] * 4 + ["proposed"] * 4 + ["B1"] * 3, "seed": [0, 1, 2, 3] * 2 + [0, 1, 2],
+                          "iou": [0.50, 0.52, 0.49, 0.51, 0.60, 0.61, 0.60, 0.62, 0.4, 0.4, 0.4]})
+    pairs = seed_pairs(frame, "proposed", "B0", ["iou"])
+    np.testing.assert_allclose(pairs["iou"][0], [0.60, 0.61, 0.60, 0.62])
+    np.testing.assert_allclose(pairs["iou"][1], [0.50, 0.52, 0.49, 0.51])
+    rows = primary_rows(primary_table(pairs, {"iou": 0.02}), "H1", "held-out {comparison}")
+    old = verdict_rows(comparison_table(compare_methods(frame, "proposed", ["B0"], ["iou"])), "H1", "held-out {comparison}")
+    assert set(old[0]) <= set(rows[0]) and rows[0]["question"] == old[0]["question"]
+    assert rows[0]["verdict"] == "supported" and "worse=" in rows[0]["evidence"] and "equivalent=" in rows[0]["evidence"]
+    assert rows[0]["p_holm"] == pytest.approx(scipy_stats.ttest_rel(*pairs["iou"], alternative="greater").pvalue, rel=1e-9)
+    with pytest.raises(ValueError, match="frame has no column 'acc'"): seed_pairs(frame, "proposed", "B0", ["acc"])
+    with pytest.raises(ValueError, match="need >= 2 seeds with both proposed and B2"): seed_pairs(frame, "proposed", "B2", ["iou"])
+
+
+# ---------------------------------------------------------------- ablations
+def test_ablation_table_two_sided_estimates():
+    pairs = family_by_design(3)
+    table = ablation_table(pairs)
+    for row, (treatment, ablation) in zip(table.itertuples(), pairs.values()):
+        mean, low, high, p_greater, p_less, _ = t_reference(treatment, ablation, 0.1)
+        assert row.p_two_sided == pytest.approx(2 * min(p_greater, p_less), rel=1e-9)
+        np.testing.assert_allclose([row.difference, row.difference_low, row.difference_high], [mean, low, high], rtol=1e-9)
+        assert row.d_z == pytest.approx(cohens_dz(treatment, ablation))
+    assert not {"verdict", "p_holm"} & set(table.columns)
+    with pytest.raises(ValueError, match="pairs is empty"): ablation_table({})
+
+
+# ---------------------------------------------------------------- IQM, probability of improvement, stratified bootstrap
+def iqm_reference(scores):
+    "Interquartile mean by sorting all scores and dropping floor(N/4) at each end."
+    values = sorted(float(x) for x in np.ravel(scores))
+    cut = len(values) // 4
+    kept = values[cut:len(values) - cut]
+    return math.fsum(kept) / len(kept)
+
+
+def improvement_reference(x, y):
+    "P(X > Y) + P(X = Y)/2 with an explicit double loop per composition, then the mean over compositions."
+    total = 0.0
+    for c in range(x.shape[1]):
+        wins = 0.0
+        for a in x[:, c]:
+            for b in y[:, c]:
+                wins += 1.0 if a > b else 0.5 if a == b else 0.0
+        total += wins / (x.shape[0] * y.shape[0])
+    return total / x.shape[1]
+
+
+@given(st.integers(0, 10_000), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5))
+@settings(max_examples=100, deadline=None)
+def test_iqm_and_improvement_against_brute_force(seed, seeds_x, seeds_y, compositions):
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 5, (seeds_x, compositions)).astype(float), rng.integers(0, 5, (seeds_y, compositions)).astype(float)
+    assert interquartile_mean(x) == pytest.approx(iqm_reference(x), rel=1e-12, abs=1e-12)
+    assert probability_of_improvement(x, y) == pytest.approx(improvement_reference(x, y), rel=1e-12, abs=1e-12)
+    assert probability_of_improvement(x, y) + probability_of_improvement(y, x) == pytest.approx(1.0)
+
+
+def test_bootstrap_aggregates_one_composition_matches_scipy():
+    scores = np.random.default_rng(4).normal(0.6, 0.1, (20, 1))
+    ours = bootstrap_aggregates(scores, scores - 0.05, n_resamples=4000, seed=0)
+    theirs = scipy_stats.bootstrap((scores[:, 0],), lambda x, axis: scipy_stats.trim_mean(x, 0.25, axis=axis),
+                                   method="percentile", n_resamples=4000, rng=np.random.default_rng(1)).confidence_interval
+    np.testing.assert_allclose(ours.loc[0, ["low", "high"]].to_numpy(float), [theirs.low, theirs.high], atol=0.01)
+    assert ours.estimate[0] == pytest.approx(iqm_reference(scores))
+    assert ours.statistic.tolist() == ["IQM treatment", "IQM baseline", "IQM treatment - baseline", "P(treatment > baseline)"]
+
+
+def test_bootstrap_aggregates_is_stratified_paired_and_deterministic():
+    constant = np.tile(np.arange(5.0), (8, 1))                      # resampling within compositions changes nothing
+    collapsed = bootstrap_aggregates(constant, constant[:6] + 0.5, n_resamples=300)
+    np.testing.assert_allclose(collapsed.low, collapsed.high, atol=1e-12)
+    np.testing.assert_allclose(collapsed.estimate, [iqm_reference(constant), iqm_reference(constant + 0.5), -0.5, 0.0])
+    noisy = np.random.default_rng(5).normal(0.5, 0.1, (10, 6))
+    paired = bootstrap_aggregates(noisy + 0.1, noisy, n_resamples=300, paired=True)
+    np.testing.assert_allclose(paired.loc[2, ["estimate", "low", "high"]].to_numpy(float), [0.1] * 3, atol=1e-9)
+    unpaired = bootstrap_aggregates(noisy + 0.1, noisy, n_resamples=300)
+    assert unpaired.high[2] - unpaired.low[2] > 0.01                # independent resamples do not cancel
+    again = bootstrap_aggregates(noisy + 0.1, noisy, n_resamples=300)
+    np.testing.assert_array_equal(again.to_numpy(), unpaired.to_numpy())
+    assert ((unpaired.low <= unpaired.estimate) & (unpaired.estimate <= unpaired.high)).all()
+
+
+def test_bootstrap_aggregates_bad_input():
+    x = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="same compositions"): bootstrap_aggregates(x, x[:, :2])
+    with pytest.raises(ValueError, match="paired=True needs the same seeds"): bootstrap_aggregates(x, x[:3], paired=True)
+    with pytest.raises(ValueError, match="treatment must be 2-D"): bootstrap_aggregates(x[0], x)
+    with pytest.raises(ValueError, match="baseline contains NaN"): bootstrap_aggregates(x, np.full((4, 3), np.nan))
+    with pytest.raises(ValueError, match="n_resamples must be"): bootstrap_aggregates(x, x, n_resamples=0)
+
+
+# ---------------------------------------------------------------- power for the seed count
+def power_reference(d, n, alpha):
+    "Power of the one-sided one-sample t-test from the noncentral t distribution."
+    return scipy_stats.nct.sf(scipy_stats.t.ppf(1 - alpha, n - 1), n - 1, d * math.sqrt(n))
+
+
+@pytest.mark.parametrize("sd, sesoi, alpha", [(1.0, 0.5, 0.05), (0.02, 0.01, 0.05), (0.01, 0.012, 0.01), (3.0, 0.4, 0.1)])
+def test_seeds_for_power_is_the_smallest_sufficient_n(sd, sesoi, alpha):
+    pilot = np.array([-1.0, 1.0]) * sd / math.sqrt(2)               # SD exactly `sd`
+    plan = seeds_for_power(pilot, sesoi, alpha=alpha, minimum=2)
+    d = sesoi / sd
+    assert plan["effect_size"] == pytest.approx(d) and plan["sd"] == pytest.approx(sd)
+    assert power_reference(d, plan["required"], alpha) >= 0.8
+    assert plan["required"] == 2 or power_reference(d, plan["required"] - 1, alpha) < 0.8
+    assert plan["seeds"] == plan["required"]
+
+
+def test_seeds_for_power_table_value_floor_and_simulation():
+    pilot = np.array([-1.0, 1.0]) / math.sqrt(2)
+    assert seeds_for_power(pilot, 0.5)["required"] == 27            # G*Power: d = 0.5, one-sided 0.05, power 0.8
+    assert seeds_for_power(pilot, 5.0)["seeds"] == 10                # floor
+    n = seeds_for_power(pilot, 0.8, minimum=2)["required"]
+    samples = np.random.default_rng(0).normal(0.8, 1.0, (20_000, n))  # true difference = sesoi, SD 1
+    t = samples.mean(1) / (samples.std(1, ddof=1) / math.sqrt(n))
+    rate = (t > scipy_stats.t.ppf(0.95, n - 1)).mean()
+    assert 0.8 - 0.01 < rate and rate == pytest.approx(power_reference(0.8, n, 0.05), abs=0.01)
+    assert seeds_for_power(np.array([0.1, 0.1, 0.1]), 0.05)["required"] == 2   # no spread: any 2 seeds do
+    with pytest.raises(ValueError, match="at least 2 pilot seeds"): seeds_for_power([0.1], 0.05)
+    with pytest.raises(ValueError, match="power must be"): seeds_for_power(pilot, 0.5, power=1.0)
+
+
+# ---------------------------------------------------------------- time to event
+def kaplan_meier_reference(durations, reached):
+    "Product-limit estimate and exponential Greenwood 95% bounds with loops, at 0 and each distinct time."
+    z, survival, greenwood, rows = scipy_stats.norm.ppf(0.975), 1.0, 0.0, [(0.0, 1.0, 1.0, 1.0)]
+    for t in sorted(set(durations)):
+        at_risk = sum(1 for x in durations if x >= t)
+        events = sum(1 for x, r in zip(durations, reached) if x == t and r)
+        survival *= 1 - events / at_risk
+        if events and at_risk > events: greenwood += events / (at_risk * (at_risk - events))
+        if 0 < survival < 1:
+            spread = z * math.sqrt(greenwood) / abs(math.log(survival))
+            rows.append((t, survival, survival ** math.exp(spread), survival ** math.exp(-spread)))
+        else: rows.append((t, survival, math.nan, math.nan))
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kaplan_meier_against_product_limit_loop(seed):
+    rng = np.random.default_rng(seed)
+    durations = rng.integers(1, 12, 15).astype(float)
+    reached = rng.random(15) < 0.7
+    curve, reference = kaplan_meier(durations, reached), kaplan_meier_reference(durations.tolist(), reached.tolist())
+    np.testing.assert_allclose(curve.time, [r[0] for r in reference])
+    np.testing.assert_allclose(curve.survival, [r[1] for r in reference], atol=1e-12)
+    inside = [i for i, r in enumerate(reference) if not math.isnan(r[2])]
+    np.testing.assert_allclose(curve.survival_low[inside], [reference[i][2] for i in inside], rtol=1e-7)
+    np.testing.assert_allclose(curve.survival_high[inside], [reference[i][3] for i in inside], rtol=1e-7)
+    assert curve.reached.sum() == reached.sum() and curve.censored.sum() == (~reached).sum()
+
+
+def test_kaplan_meier_hand_worked_and_median():
+    durations, reached = [2, 3, 3, 5, 6, 8], [True, True, False, True, False, True]
+    np.testing.assert_allclose(kaplan_meier(durations, reached).survival, [1, 5 / 6, 2 / 3, 4 / 9, 4 / 9, 0])
+    table = time_to_event_table({"a": (durations, reached), "never": ([5, 6, 7], [False, False, False])})
+    assert table.median_time.tolist() == [5.0, math.inf]              # first time with S <= 1/2; inf if never
+    assert table.runs.tolist() == [6, 3] and table.reached.tolist() == [4, 0]
+    with pytest.raises(ValueError, match="reached must be booleans"): kaplan_meier([1.0, 2.0], [0.5, 1.0])
+    with pytest.raises(ValueError, match="durations contains"): kaplan_meier([1.0, np.nan], [True, True])
+
+
+def logrank_reference(a, b):
+    "Log-rank chi-square with loops over the distinct event times."
+    observed = expected = variance = 0.0
+    times = sorted({t for t, r in zip(*a) if r} | {t for t, r in zip(*b) if r})
+    for t in times:
+        n1, n2 = sum(1 for x in a[0] if x >= t), sum(1 for x in b[0] if x >= t)
+        e1 = sum(1 for x, r in zip(*a) if x == t and r)
+        e = e1 + sum(1 for x, r in zip(*b) if x == t and r)
+        n = n1 + n2
+        observed += e1
+        expected += e * n1 / n
+        if n > 1: variance += e * (n1 / n) * (n2 / n) * (n - e) / (n - 1)
+    statistic = (observed - expected) ** 2 / variance
+    return statistic, scipy_stats.chi2.sf(statistic, 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_logrank_against_loop(seed):
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"method": ["proposed"] * 8 + ["B0"] * 9, "steps": rng.integers(1, 10, 17).astype(float),
+                          "reached": rng.random(17) < 0.8})
+    groups = event_groups(frame, "steps", "reached")
+    assert list(groups) == ["proposed", "B0"]
+    found = logrank(groups)
+    statistic, p = logrank_reference([g.tolist() for g in groups["proposed"]], [g.tolist() for g in groups["B0"]])
+    assert found["statistic"] == pytest.approx(statistic, rel=1e-9) and found["p_value"] == pytest.approx(p, rel=1e-9)
+    with pytest.raises(ValueError, match="groups has no method 'B1'"): logrank(groups, baseline="B1")
+    with pytest.raises(ValueError, match="frame has no column 'seconds'"): event_groups(frame, "seconds", "reached")
+
+
+def test_plot_survival_draws_one_minus_km():
+    import matplotlib
+    matplotlib.use("Agg")
+    groups = {"a": ([2, 3, 3, 5, 6, 8], [True, True, False, True, False, True]), "b": ([1, 4], [True, True])}
+    ax = plot_survival(groups)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), 1 - np.array([1, 5 / 6, 2 / 3, 4 / 9, 4 / 9, 0]))
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), [0, 0.5, 1])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (4/6)", "b (2/2)"]

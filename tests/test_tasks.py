@@ -17,12 +17,20 @@ N_EVAL = 5000                      # the committed evaluation sets: 5,000 sample
 
 # composition ids in closed form (SPEC: compositions of length 1-3; ids: 6 singles, 36 pairs, 216 triples, base 6)
 OFFSETS = {1: 0, 2: 6, 3: 42}
+# issue 12: the ordered pairs (a, a+1 mod 6) are held out of train/val (split `heldout_pairs`)
+HELD_OUT_PAIRS = {(a, (a + 1) % 6) for a in range(6)}
 
 
 def closed_form_id(indices):
     number = 0
     for d in indices: number = number * 6 + d
     return OFFSETS[len(indices)] + number
+
+
+def train_ids():
+    "Composition ids of train/val in closed form: the 6 singles and the 30 ordered pairs that are not held out."
+    return {closed_form_id((a,)) for a in range(6)} | {closed_form_id(p) for p in itertools.product(range(6), repeat=2)
+                                                       if p not in HELD_OUT_PAIRS}
 
 
 def program_indices(primitive_row):
@@ -135,7 +143,8 @@ def check_against_reference(batch, split, num_colors=4):
         steps = [ref.decode_step(int(p), *map(int, batch.parameters[i, s])) for s, p in enumerate(indices)]
         for name, params in steps: assert ref.valid_parameters(name, params, num_colors), (i, name, params)
         assert batch.parameters[i, len(indices):].abs().sum() == 0                       # padding steps hold zeros
-        if split in ("train", "val"): assert 1 <= len(indices) <= 2
+        if split in ("train", "val"): assert 1 <= len(indices) <= 2 and tuple(indices) not in HELD_OUT_PAIRS
+        elif split == "heldout_pairs": assert tuple(indices) in HELD_OUT_PAIRS
         else: assert len(indices) == 3
         if split == "heldout": assert len(set(indices)) == 3
         assert ref.apply_program(batch.inputs[i], steps) == batch.outputs[i].tolist(), i
@@ -194,10 +203,27 @@ def test_heldout_any_covers_length_3_compositions_only(eval_sets, train_set):
     batch = eval_sets["heldout_any"]
     assert bool((batch.primitive >= 0).all())
     assert set(batch.composition.tolist()) == set(range(42, 42 + 216))
-    assert set(train_set.composition.tolist()) == set(range(42))
-    assert set(eval_sets["val"].composition.tolist()) == set(range(42))
+    assert set(train_set.composition.tolist()) == train_ids()
+    assert set(eval_sets["val"].composition.tolist()) == train_ids()
     # repeats are present, so some heldout_any multi-hot sets fall back on training sets (reported separately)
     assert bool((batch.multi_hot.sum(1) < 3).any())
+
+
+def test_heldout_pairs_never_reach_training(train_set, eval_sets):
+    "Issue 12: the six held-out ordered pairs are the whole heldout_pairs set and never occur in train or val."
+    assert len(train_ids()) == 36
+    pairs = eval_sets["heldout_pairs"]
+    assert {tuple(program_indices(row)) for row in pairs.primitive} == HELD_OUT_PAIRS
+    assert set(pairs.composition.tolist()) == {closed_form_id(p) for p in HELD_OUT_PAIRS}
+    for batch in (train_set, eval_sets["val"]):
+        seen = {tuple(program_indices(row)) for row in batch.primitive[(batch.primitive >= 0).sum(1) == 2]}
+        assert seen.isdisjoint(HELD_OUT_PAIRS) and len(seen) == 30
+    # every primitive still opens and closes training pairs (five partners in each position)
+    seen = {tuple(program_indices(row)) for row in train_set.primitive[(train_set.primitive >= 0).sum(1) == 2]}
+    for a in range(6):
+        assert sum(p[0] == a for p in seen) == 5 and sum(p[1] == a for p in seen) == 5
+    # their reverse orders stay in training
+    assert {(b, a) for a, b in HELD_OUT_PAIRS} <= seen
 
 
 def test_no_sample_overlap_between_splits(train_set, eval_sets, grouped_batches):
@@ -206,7 +232,7 @@ def test_no_sample_overlap_between_splits(train_set, eval_sets, grouped_batches)
     assert len(grouped) == 40 * 128
     for a, b in itertools.combinations(sets, 2):
         assert set(sets[a]).isdisjoint(sets[b]), (a, b)
-    for name in ("val", "heldout", "heldout_any", "grouped"):
+    for name in ("val", "heldout", "heldout_any", "heldout_pairs", "grouped"):
         assert len(set(sets[name])) == len(sets[name]), name                          # no repeated sample inside
     # the library's own hashes agree on the counts
     assert len(sample_hashes(eval_sets["val"])) == len(set(sets["val"]))
@@ -245,8 +271,9 @@ def test_identity_samples_are_rare(train_set, eval_sets):
 # ---------------------------------------------------------------------------------------------------------------
 # Grouped batches
 
-@pytest.mark.parametrize("split,groups,group_size", [("train", 2, 64), ("train", 5, 16), ("val", 42, 2),
-                                                     ("heldout", 3, 8), ("heldout_any", 2, 33)])
+@pytest.mark.parametrize("split,groups,group_size", [("train", 2, 64), ("train", 5, 16), ("val", 36, 2),
+                                                     ("heldout", 3, 8), ("heldout_any", 2, 33),
+                                                     ("heldout_pairs", 6, 5)])
 def test_grouped_batches_have_equal_groups(split, groups, group_size):
     sampler = GroupedBatchSampler(split, seed=1, groups=groups, group_size=group_size)
     split_ids = set(sample_tasks(2000, split, seed=9).composition.tolist()) if split != "heldout_any" else set(range(42, 258))
@@ -268,28 +295,60 @@ def test_grouped_batches_vary_and_cover_compositions():
     sampler = GroupedBatchSampler("train", seed=0, groups=3, group_size=4)
     chosen = [tuple(sampler[b].composition.unique().tolist()) for b in range(200)]
     assert len(set(chosen)) > 150
-    assert set(itertools.chain.from_iterable(chosen)) == set(range(42))
+    assert set(itertools.chain.from_iterable(chosen)) == train_ids()
 
 
 def test_pool_sampler_batches_are_grouped_pool_members():
     "PoolSampler: `groups` distinct compositions x `group_size` members of a fixed pool, a pure function of the index."
     pool = sample_tasks(3000, "train", seed=11)
     ids, counts = pool.composition.unique(return_counts=True)
-    eligible = set(ids[counts >= 70].tolist())
-    assert 2 <= len(eligible) < len(ids)                 # some compositions are too small for group_size=70
-    sampler = PoolSampler(pool, seed=4, groups=3, group_size=70)
+    eligible = set(ids[counts >= 85].tolist())
+    assert 2 <= len(eligible) < len(ids)                 # some compositions are too small for group_size=85
+    sampler = PoolSampler(pool, seed=4, groups=3, group_size=85)
     position = {index: row for row, index in enumerate(pool.sample_index.tolist())}
     for index in range(5):
         batch = sampler[index]
-        assert len(batch) == sampler.batch_size == 210
+        assert len(batch) == sampler.batch_size == 255
         chosen, sizes = batch.composition.unique(return_counts=True)
-        assert sizes.tolist() == [70] * 3 and set(chosen.tolist()) <= eligible
+        assert sizes.tolist() == [85] * 3 and set(chosen.tolist()) <= eligible
         members = torch.tensor([position[i] for i in batch.sample_index.tolist()])
         assert batch.equal(pool[members])                # every row is a pool sample, unchanged
-        assert batch.equal(PoolSampler(pool, seed=4, groups=3, group_size=70)[index])
-    assert not PoolSampler(pool, seed=5, groups=3, group_size=70)[0].equal(sampler[0])
-    with pytest.raises(ValueError, match="groups must be an integer in 2"): PoolSampler(pool, groups=len(eligible) + 1, group_size=70)
+        assert batch.equal(PoolSampler(pool, seed=4, groups=3, group_size=85)[index])
+    assert not PoolSampler(pool, seed=5, groups=3, group_size=85)[0].equal(sampler[0])
+    with pytest.raises(ValueError, match="groups must be an integer in 2"): PoolSampler(pool, groups=len(eligible) + 1, group_size=85)
     with pytest.raises(ValueError, match="group_size must be a positive integer"): PoolSampler(pool, group_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lengths: programs of some lengths only (issue 12, e.g. an executor baseline on single primitives)
+
+def test_lengths_keep_only_programs_of_those_lengths():
+    singles = sample_tasks(600, "train", seed=2, lengths=(1,))
+    assert {len(program_indices(row)) for row in singles.primitive} == {1}
+    assert set(singles.composition.tolist()) == set(range(6))
+    check_against_reference(singles[:50], "train")
+    pairs = sample_tasks(600, "val", seed=2, lengths=(2,))
+    assert set(pairs.composition.tolist()) == train_ids() - set(range(6))
+    # all lengths of a split = no filter: the same stream, bit for bit
+    assert sample_tasks(300, "train", seed=2, lengths=(1, 2)).equal(sample_tasks(300, "train", seed=2))
+    assert sample_tasks(300, "heldout", seed=2, lengths=[3]).equal(sample_tasks(300, "heldout", seed=2))
+    sampler = GroupedBatchSampler("train", seed=1, groups=6, group_size=4, lengths=(1,))
+    for b in range(3):
+        assert sorted(sampler[b].composition.unique().tolist()) == list(range(6))
+    assert GroupedBatchSampler("train", seed=1, groups=3, group_size=4, lengths=(2,))[0].composition.min() >= 6
+
+
+def test_pool_sampler_lengths():
+    pool = sample_tasks(3000, "train", seed=11)
+    sampler = PoolSampler(pool, seed=1, groups=4, group_size=20, lengths=(1,))
+    batch = sampler.batches(0, 30)
+    assert set(batch.composition.tolist()) <= set(range(6)) and len(set(batch.composition.tolist())) == 6
+    assert bool(((batch.primitive >= 0).sum(1) == 1).all())
+    pairs = PoolSampler(pool, seed=1, groups=4, group_size=20, lengths=(2,)).batches(0, 30)
+    assert bool(((pairs.primitive >= 0).sum(1) == 2).all())
+    with pytest.raises(ValueError, match=r"lengths=\(3,\): the pool has no compositions of length 3"):
+        PoolSampler(pool, lengths=(3,))
+    with pytest.raises(ValueError, match="groups must be an integer in 2..6"): PoolSampler(pool, groups=7, group_size=1, lengths=(1,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,6 +514,14 @@ def test_committed_manifest_matches_fresh_sets(eval_sets, tmp_path):
     assert list(tmp_path.glob("*.tmp")) == []
 
 
+def test_heldout_sets_unchanged_by_heldout_pairs():
+    "Issue 12 moved six pairs out of train/val; the length-3 sets are the same data as before (hashes of the old manifest)."
+    committed = json.loads((REPOSITORY / "data" / "manifest.json").read_text())
+    assert committed["heldout-n5000-seed0"] == "e08dcf48d241ae6da11da724ecca59133d9663abbc12c95627a9ab371ea67d38"
+    assert committed["heldout_any-n5000-seed0"] == "78cf5e1bc8b13d91393d088ee129943f5a24cb75bae80b76f2c5a9a7fc019c1f"
+    assert set(committed) >= {"val-n5000-seed0", "heldout_pairs-n5000-seed0"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: errors name the argument
 
@@ -489,8 +556,23 @@ BAD = {
     "GridConfig min>max": (lambda: GridConfig(min_objects=5, max_objects=4), ValueError, "max_objects must be an integer in 5..64, got 4"),
     "GridConfig max_side=0": (lambda: GridConfig(max_side=0), ValueError, "max_side must be an integer in 1..8"),
     "GridConfig max_side=9": (lambda: GridConfig(max_side=9), ValueError, "max_side must be an integer in 1..8"),
-    "sampler groups=1": (lambda: GroupedBatchSampler(groups=1), ValueError, "groups must be an integer in 2..42"),
-    "sampler groups=43": (lambda: GroupedBatchSampler(groups=43), ValueError, "groups must be an integer in 2..42"),
+    "sampler groups=1": (lambda: GroupedBatchSampler(groups=1), ValueError, "groups must be an integer in 2..36"),
+    "sampler groups=37": (lambda: GroupedBatchSampler(groups=37), ValueError, "groups must be an integer in 2..36"),
+    "sampler heldout_pairs groups=7": (lambda: GroupedBatchSampler("heldout_pairs", groups=7), ValueError, "groups must be an integer in 2..6"),
+    "sampler lengths groups=7": (lambda: GroupedBatchSampler(groups=7, lengths=(1,)), ValueError, "groups must be an integer in 2..6"),
+    "held-out pair in train": (lambda: sample_tasks(1, "train", composition=torch.tensor([7])), ValueError, "not compositions of this split"),
+    "train pair in heldout_pairs": (lambda: sample_tasks(1, "heldout_pairs", composition=torch.tensor([6])), ValueError, "not compositions of this split"),
+    "lengths=1": (lambda: sample_tasks(4, lengths=1), ValueError, "lengths must be a non-empty tuple of program lengths in 1..3, got 1"),
+    "lengths=()": (lambda: sample_tasks(4, lengths=()), ValueError, "lengths must be a non-empty tuple"),
+    "lengths=(0,)": (lambda: sample_tasks(4, lengths=(0,)), ValueError, "lengths must be a non-empty tuple"),
+    "lengths=(4,)": (lambda: sample_tasks(4, lengths=(4,)), ValueError, "lengths must be a non-empty tuple"),
+    "lengths=(1.0,)": (lambda: sample_tasks(4, lengths=(1.0,)), ValueError, "lengths must be a non-empty tuple"),
+    "lengths=(True,)": (lambda: sample_tasks(4, lengths=(True,)), ValueError, "lengths must be a non-empty tuple"),
+    "lengths='1'": (lambda: sample_tasks(4, lengths="1"), ValueError, "lengths must be a non-empty tuple"),
+    "train lengths=(3,)": (lambda: sample_tasks(4, "train", lengths=(3,)), ValueError, "lengths=(3,): split 'train' has no compositions of length 3"),
+    "heldout lengths=(1, 3)": (lambda: sample_tasks(4, "heldout", lengths=(1, 3)), ValueError, "split 'heldout' has no compositions of length 1"),
+    "heldout_pairs lengths=(1,)": (lambda: GroupedBatchSampler("heldout_pairs", lengths=(1,)), ValueError, "split 'heldout_pairs' has no compositions of length 1"),
+    "singles composition id 8": (lambda: sample_tasks(1, composition=torch.tensor([8]), lengths=(1,)), ValueError, "not compositions of this split"),
     "sampler heldout groups=121": (lambda: GroupedBatchSampler("heldout", groups=121), ValueError, "groups must be an integer in 2..120"),
     "sampler groups=2.0": (lambda: GroupedBatchSampler(groups=2.0), ValueError, "groups"),
     "sampler group_size=0": (lambda: GroupedBatchSampler(group_size=0), ValueError, "group_size must be a positive integer"),
