@@ -221,7 +221,7 @@ def _results(job:Job, model, trainer:Trainer, sets:dict, device:torch.device, st
                "curves": state["history"], "targets": state["targets"], "events": state["events"],
                "timings": {"train_seconds": state["train_seconds"], "test_seconds": time.perf_counter() - evaluation_started,
                            "total_seconds": time.perf_counter() - started, "steps": state["step"]}}
-    return {**results, "competence": competence({**job.config, **results}, job.options["competence"])}
+    return {**results, "competence": competence({**job.config, **results}, job.options.get("competence", Preset.competence))}
 
 def train_run(job:Job,              # a `training_job`
               device:torch.device,  # where to train

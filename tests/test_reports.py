@@ -102,7 +102,7 @@ def test_command_line_runs_and_lists_where_the_reports_look(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "reports" / "runs" / "smoke" / "records" / "B0-seed3.json").read_text())
     assert (record["method"], record["seed"], record["preset"]) == ("B0", 3, "smoke")
-    assert set(record["metrics"]) == {"val", "heldout", "heldout_any"}
+    assert set(record["metrics"]) == {"val", "heldout_pairs", "heldout", "heldout_any"}
     assert "smoke training runs 1/1: B0-seed3 done" in result.stderr
     listing = so8lab("list", cwd=tmp_path)                                   # default: every reports/…/runs/<preset>
     assert listing.returncode == 0 and "B0" in listing.stdout and "seed 3" in listing.stdout

@@ -95,8 +95,8 @@ def test_paired_tasks_share_grids(split):
 
 def test_paired_tasks_grids_are_the_split_stream():
     "The shared grids are the split's own stream: equal to a fresh sample_tasks draw without redraws."
-    reference = sample_tasks(10, "val", 0, composition=torch.full((10,), 7), max_attempts=1)
-    batch = paired_tasks("val", 10, [3, 7, 11])
+    reference = sample_tasks(10, "val", 0, composition=torch.full((10,), 8), max_attempts=1)
+    batch = paired_tasks("val", 10, [3, 8, 11])
     assert torch.equal(batch.inputs[10:20], reference.inputs) and torch.equal(batch.tokens[10:20], reference.tokens)
 
 
