@@ -5,10 +5,9 @@
 # %% auto #0
 __all__ = ['SMALLEST_EFFECTS', 'PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get_preset', 'Method',
            'run_configs', 'record_path', 'checkpoint_directory', 'model_path', 'run_config', 'evaluation_sets',
-           'training_job', 'program_lengths', 'train_run', 'train_runs', 'run', 'stepwise_predictions', 'competence',
-           'load_trained', 'load_model', 'run_many', 'load_records', 'steps_to_target', 'metrics_frame',
-           'composition_frame', 'competence_gate', 'pilot_runs', 'best_learning_rates', 'running_best',
-           'plateau_budget']
+           'training_job', 'train_run', 'train_runs', 'run', 'competence', 'load_trained', 'load_model', 'run_many',
+           'load_records', 'steps_to_target', 'metrics_frame', 'composition_frame', 'competence_gate', 'pilot_runs',
+           'best_learning_rates', 'running_best', 'plateau_budget']
 
 # %% ../nbs/11_experiments.ipynb #17364bdd
 import shutil, time, warnings
@@ -16,10 +15,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import torch
 from .provenance import CorruptFile, atomic_path, check_integer, check_number, config_hash, file_lock, fixed_threads, read_json
-from .primitives import MAX_PROGRAM_LENGTH, TOKENS_PER_STEP, composition_from_id
+from .primitives import composition_from_id, program_lengths
 from .tasks import EVAL_SPLITS, GroupedBatchSampler, PoolSampler, TaskBatch, load_task_set, sample_tasks
 from .models import GridModel, ModelConfig, count_parameters
-from .training import MODEL_CALIBRATIONS, RunGroup, Trainer, TrainConfig, calibration_table, evaluate, evaluate_predictions, load_checkpoint
+from .training import (MODEL_CALIBRATIONS, RunGroup, Trainer, TrainConfig, calibration_table, evaluate, evaluate_predictions,
+                             load_checkpoint, stepwise_predictions)
 from .runner import Job, resolve_device, run_job, run_jobs
 
 # %% ../nbs/11_experiments.ipynb #2e8a8f61
@@ -174,10 +174,6 @@ def _keep_model(job:Job):
     if not job.options.get("keep_model"): return
     with atomic_path(_job_model(job)) as temporary: shutil.copyfile(_job_checkpoints(job) / "best.pt", temporary)
 
-def program_lengths(tasks:TaskBatch)->torch.Tensor:
-    "[B] number of program steps of each sample (non-padding primitives)."
-    return (tasks.primitive >= 0).sum(1)
-
 def _sampler(config:dict, device:torch.device):
     "The training batches of a run: a fixed pool (`train_size`) or fresh generated batches (`train_size` None)."
     data, seed = config["data"], config["seed"]
@@ -195,7 +191,7 @@ def _training(job:Job, device:torch.device)->tuple:
     sets = _evaluation_sets(config["data"]["val_size"], config["data"]["test_size"], device)
     validation = sets["val"]
     if config["data"].get("lengths"):   # a method trained on some lengths selects its checkpoint on those lengths
-        validation = validation[torch.isin(program_lengths(validation), torch.tensor(config["data"]["lengths"], device=device))]
+        validation = validation[torch.isin(program_lengths(validation.primitive), torch.tensor(config["data"]["lengths"], device=device))]
     trainer = Trainer(model, TrainConfig(**config["train"]), _sampler(config, device), validation,
                       directory=_job_checkpoints(job), device=device, identity=job.digest)
     trainer.resume()
@@ -252,28 +248,6 @@ def run(method:str,                 # a key of METHODS
     return run_job(training_job(method, seed, preset, results_dir), device, force)
 
 # %% ../nbs/11_experiments.ipynb #a3c51e08
-@torch.no_grad()
-def stepwise_predictions(model:torch.nn.Module,  # a program-conditioned model (`model(inputs, tokens).logits`)
-                         tasks:TaskBatch,         # samples with programs of any length
-                         batch_size:int=1000,     # samples per forward pass
-                        )->torch.Tensor:          # [B, 8, 8] int64 predicted grids (on the CPU)
-    "Predictions of `model` applied once per program step, each step fed the grid the previous step predicted."
-    check_integer(batch_size, "batch_size", low=1)
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    predictions = []
-    for start in range(0, len(tasks), batch_size):
-        chunk = tasks[start:start + batch_size].to(device)
-        grid = chunk.inputs.long()
-        for step in range(MAX_PROGRAM_LENGTH):
-            tokens = torch.zeros_like(chunk.tokens)
-            tokens[:, :TOKENS_PER_STEP] = chunk.tokens[:, step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
-            predicted = model(grid, tokens).logits.argmax(1)
-            grid = torch.where((chunk.primitive[:, step] >= 0)[:, None, None], predicted, grid)
-        predictions.append(grid.cpu())
-    model.train(was_training)
-    return torch.cat(predictions)
-
 def competence(record:dict,  # a training record (or its configuration and results)
                bar:float,    # validation exact match a competent run reaches
               )->dict:       # passed, bar, val_exact_match, lengths

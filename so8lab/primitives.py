@@ -7,8 +7,8 @@ __all__ = ['GRID_SIZE', 'DEFAULT_COLORS', 'MAX_COLORS', 'PRIMITIVES', 'PRIMITIVE
            'COLOR_SWAP', 'DRAW_BORDER', 'SHIFT', 'FILL_COMPONENT', 'MAX_SHIFT', 'MAX_PROGRAM_LENGTH',
            'NUM_COMPOSITIONS', 'VALUE_RANGE', 'VOCABULARY', 'TOKENS_PER_STEP', 'check_grid', 'apply_steps',
            'apply_primitive', 'Step', 'apply_program', 'composition', 'multi_hot', 'encode_program', 'decode_program',
-           'apply_encoded', 'composition_id', 'composition_from_id', 'composition_ids', 'tokenize', 'tokenize_program',
-           'detokenize']
+           'apply_encoded', 'composition_id', 'composition_from_id', 'program_lengths', 'composition_ids', 'tokenize',
+           'tokenize_program', 'detokenize']
 
 # %% ../nbs/01_primitives.ipynb #57b8a359
 from typing import NamedTuple
@@ -242,9 +242,14 @@ def composition_from_id(index:int)->tuple:
     for _ in range(length): number, d = divmod(number, len(PRIMITIVES)); names.append(PRIMITIVES[d])
     return tuple(reversed(names))
 
+def program_lengths(primitive:torch.Tensor, # [..., L] primitive ids, -1 = padding
+                   )->torch.Tensor:         # [...] int64 number of program steps
+    "Number of non-padding steps of each encoded program."
+    return (primitive >= 0).sum(dim=-1)
+
 def composition_ids(primitive:torch.Tensor)->torch.Tensor:
     "Batched `composition_id` of encoded programs `primitive` [B, L] (-1 padding at the end)."
-    length = (primitive >= 0).sum(1)
+    length = program_lengths(primitive)
     number = torch.zeros_like(length)
     for i in range(primitive.shape[1]):
         number = torch.where(primitive[:, i] >= 0, number * len(PRIMITIVES) + primitive[:, i], number)

@@ -76,7 +76,7 @@ def split_compositions(split:str,          # one of SPLITS
     elif split == "heldout_pairs": names = sorted(held)
     else: names = [c for c in product(range(n), repeat=3) if split == "heldout_any" or len(set(c)) == 3]
     table = torch.tensor([list(c) + [-1] * (MAX_PROGRAM_LENGTH - len(c)) for c in names])
-    return table[_length_mask((table >= 0).sum(1), lengths, f"split '{split}'")]
+    return table[_length_mask(program_lengths(table), lengths, f"split '{split}'")]
 
 # %% ../nbs/02_tasks.ipynb #3f7bd27e
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['CALIBRATIONS', 'MODEL_CALIBRATIONS', 'COMPILE_MIN_STEPS', 'TrainConfig', 'make_optimizer', 'learning_rate_factor',
-           'evaluate', 'evaluate_predictions', 'calibration_predictions', 'calibration_table', 'save_checkpoint',
-           'load_checkpoint', 'RunLog', 'make_loss_manager', 'share_blocks_of', 'training_outputs', 'Trainer',
-           'RunGroup']
+           'evaluate', 'evaluate_predictions', 'calibration_predictions', 'calibration_table', 'stepwise_predictions',
+           'save_checkpoint', 'load_checkpoint', 'RunLog', 'make_loss_manager', 'share_blocks_of', 'training_outputs',
+           'Trainer', 'RunGroup']
 
 # %% ../nbs/08_training.ipynb #df3d56f7
 import copy, csv, math, pickle, sys, time, warnings, zipfile
@@ -19,7 +19,7 @@ from .provenance import CorruptFile, atomic_path, check_choice, check_integer, c
 from .tasks import TaskBatch
 from .losses import LossManager, SAECoefficientController, task_loss
 from .losses import cell_accuracy, changed_cell_accuracy, exact_match, mean_iou
-from .primitives import apply_encoded
+from .primitives import MAX_PROGRAM_LENGTH, TOKENS_PER_STEP, apply_encoded, program_lengths
 
 # %% ../nbs/08_training.ipynb #09bf12e6
 @dataclass
@@ -108,17 +108,16 @@ def _summary(values:dict, tasks:TaskBatch, by_composition:bool, loss:float|None=
     result = {name: overall[name] for name in _METRICS} | ({} if loss is None else {"loss": loss})
     if by_composition:
         result["by_composition"] = _group_means(values, tasks.composition)
-        result["by_length"] = _group_means(values, (tasks.primitive >= 0).sum(dim=1))
+        result["by_length"] = _group_means(values, program_lengths(tasks.primitive))
     return result
 
-def _model_outputs(model:torch.nn.Module, tasks:TaskBatch, batch_size:int, reduce)->list:
-    "`reduce(chunk, logits)` of each chunk of `tasks`, on the model's device in eval mode (the model's mode is restored)."
+def _model_outputs(model:torch.nn.Module, tasks:TaskBatch, batch_size:int, compute)->list:
+    "`compute(chunk)` of each chunk of `tasks`, moved to the model's device, with the model in eval mode (its mode is restored)."
     check_integer(batch_size, "batch_size", low=1)
     if len(tasks) == 0: raise ValueError("tasks must hold at least one sample")
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    try: return [reduce(chunk, _forward_logits(model, chunk))
-                 for chunk in (tasks[start:start + batch_size].to(device) for start in range(0, len(tasks), batch_size))]
+    try: return [compute(chunk) for chunk in (tasks[start:start + batch_size].to(device) for start in range(0, len(tasks), batch_size))]
     finally: model.train(was_training)
 
 # %% ../nbs/08_training.ipynb #475eb9f2
@@ -129,7 +128,8 @@ def evaluate(model:torch.nn.Module,   # a model with `forward_batch(batch)` (or 
              by_composition:bool=False, # also return 'by_composition' and 'by_length' tables
             )->dict:                  # iou, accuracy, exact_match, changed_accuracy, loss (cross-entropy) [, by_composition, by_length]
     "Mean validation metrics of `model` on `tasks`, optionally per composition and per program length."
-    def chunk_results(chunk, logits):   # per-sample metrics of the argmax, and the chunk's summed cross-entropy
+    def chunk_results(chunk):   # per-sample metrics of the argmax, and the chunk's summed cross-entropy
+        logits = _forward_logits(model, chunk)
         return _metric_values(logits.argmax(dim=1), chunk, logits.shape[1]), task_loss(logits, chunk.outputs.long()) * len(chunk)
     parts = _model_outputs(model, tasks, batch_size, chunk_results)
     values = {name: torch.cat([metrics[name] for metrics, _ in parts]) for name in _METRICS}
@@ -179,7 +179,7 @@ def _derangement(composition:torch.Tensor, # [B] composition ids
 @torch.no_grad()
 def _model_predictions(model:torch.nn.Module, tasks:TaskBatch, batch_size:int)->torch.Tensor:
     "Argmax colour grids [B, 8, 8] of `model` on `tasks`, on the tasks' device."
-    return torch.cat(_model_outputs(model, tasks, batch_size, lambda chunk, logits: logits.argmax(dim=1))).to(tasks.inputs.device)
+    return torch.cat(_model_outputs(model, tasks, batch_size, lambda chunk: _forward_logits(model, chunk).argmax(dim=1))).to(tasks.inputs.device)
 
 @torch.no_grad()
 def calibration_predictions(tasks:TaskBatch,               # the tasks to answer
@@ -211,6 +211,23 @@ def calibration_table(tasks:TaskBatch,                 # the tasks to answer
     kinds = CALIBRATIONS if kinds is None else tuple(check_choice(kind, "kinds", CALIBRATIONS) for kind in kinds)
     return {kind: evaluate_predictions(calibration_predictions(tasks, kind, model, seed, batch_size), tasks, by_composition)
             for kind in kinds if model is not None or kind not in MODEL_CALIBRATIONS}
+
+# %% ../nbs/08_training.ipynb #9d3e5a02
+@torch.no_grad()
+def stepwise_predictions(model:torch.nn.Module,  # a program-conditioned model
+                         tasks:TaskBatch,         # samples with programs of any length
+                         batch_size:int=1000,     # samples per forward pass
+                        )->torch.Tensor:          # [B, 8, 8] int64 predicted grids, on the tasks' device
+    "Predictions of `model` applied once per program step, each step fed the grid the previous step predicted."
+    def run_steps(chunk):
+        grid = chunk.inputs.long()
+        for step in range(MAX_PROGRAM_LENGTH):
+            tokens = torch.zeros_like(chunk.tokens)
+            tokens[:, :TOKENS_PER_STEP] = chunk.tokens[:, step * TOKENS_PER_STEP:(step + 1) * TOKENS_PER_STEP]
+            predicted = _forward_logits(model, replace(chunk, inputs=grid, tokens=tokens)).argmax(dim=1)
+            grid = torch.where((chunk.primitive[:, step] >= 0)[:, None, None], predicted, grid)
+        return grid
+    return torch.cat(_model_outputs(model, tasks, batch_size, run_steps)).to(tasks.inputs.device)
 
 # %% ../nbs/08_training.ipynb #42864b00
 def save_checkpoint(state:dict, path)->Path:
