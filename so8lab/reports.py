@@ -12,6 +12,7 @@ from pathlib import Path
 from .provenance import (REPOSITORY, atomic_write, atomic_write_json, check_integer, code_identity, config_hash,
                                current_umask, environment, read_json)
 from .runner import check_executor, resolve_device, run_jobs
+from .stats import markdown_table
 from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
 from .sharing import sharing_jobs
@@ -118,18 +119,13 @@ def run_report(name:str,                 # a key of REPORTS
     return final
 
 # %% ../nbs/18_reports.ipynb #e2ee8cc2
-def _summary_cell(value)->str:
-    "A table cell: floats to 3 decimals, the rest as text."
-    return f"{value:.3f}" if isinstance(value, float) else "" if value is None else str(value)
-
 def _summary_table(run:dict)->list:
     "Markdown lines of a report's `summary_table` (title, columns, rows), if its results carry one."
+    import pandas as pd
     table = run["results"].get("summary_table")
     if not table: return []
-    columns = table["columns"]
-    return (["", f"**{run['report']} ({run['config'].get('preset', '')}): {table['title']}**", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(_summary_cell(row.get(column)) for column in columns) + " |" for row in table["rows"]])
+    rows = pd.DataFrame(table["rows"], columns=table["columns"])
+    return ["", f"**{run['report']} ({run['config'].get('preset', '')}): {table['title']}**", "", markdown_table(rows)]
 
 def write_summary(out="reports",          # root holding one directory per report
                  )->Path:                 # path of summary.md
