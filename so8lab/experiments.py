@@ -6,8 +6,8 @@
 __all__ = ['SMALLEST_EFFECTS', 'PRESETS', 'PRESET_ALIASES', 'METHODS', 'TEST_SPLITS', 'Preset', 'get_preset', 'Method',
            'run_configs', 'record_path', 'checkpoint_directory', 'model_path', 'run_config', 'evaluation_sets',
            'training_job', 'train_run', 'train_runs', 'run', 'competence', 'load_trained', 'load_model', 'run_many',
-           'load_records', 'steps_to_target', 'metrics_frame', 'composition_frame', 'competence_gate', 'pilot_runs',
-           'best_learning_rates', 'running_best', 'plateau_budget']
+           'load_records', 'steps_to_target', 'metrics_frame', 'composition_frame', 'competence_gate', 'pilot_variant',
+           'pilot_runs', 'best_learning_rates', 'running_best', 'plateau_budget']
 
 # %% ../nbs/11_experiments.ipynb #17364bdd
 import shutil, time, warnings
@@ -48,12 +48,14 @@ class Preset:
     competence_basis:str = "the protocol's bar: validation exact match >= 0.95 on trained compositions"
     smallest_effects:dict = field(default_factory=lambda: dict(SMALLEST_EFFECTS))  # H1's equivalence margins per metric
     exact_targets:tuple = (0.5, 0.8, 0.95)     # H3's levels of validation exact match (time to event)
+    sweep:tuple = ()                           # a pilot's peak learning rates (every method at each); empty: not a pilot
 
     def __post_init__(self):
         if self.train_size is not None: check_integer(self.train_size, "train_size", low=1)
         if not 0 < self.competence <= 1: raise ValueError(f"competence must be in (0, 1], got {self.competence}")
         if any(not 0 < effect < 1 for effect in self.smallest_effects.values()):
             raise ValueError(f"smallest_effects must lie in (0, 1), got {self.smallest_effects}")
+        for rate in self.sweep: check_number(rate, "sweep", low=0, low_open=True)
 
 _SMALL = dict(d_model=64, bottleneck_dim=64, layers=2, heads=4)
 PRESETS = {
@@ -68,6 +70,11 @@ PRESETS = {
                    methods=("proposed", "B0", "executor", "B1", "B2", "B3", "B5", "B6-k8", "B6-k32"), workers=1, threads=2,
                    kept_models=("proposed-seed0",),
                    train=dict(share_k=16, warmup_steps=200, learning_rate=3e-3, targets=(0.5, 0.8, 0.9))),
+    # The pilot fixes the plan from data: B0 and proposed, 3 seeds, two peak rates, fresh data, and a constant rate after
+    # warm-up (final_lr_fraction=1), so its learning curves show where learning stops rather than where a schedule ends.
+    "pilot": Preset("pilot", None, 5000, 5000, steps=8000, groups=4, group_size=256, eval_every=250, seeds=(0, 1, 2),
+                    methods=("proposed", "B0"), workers=1, threads=2, sweep=(1e-3, 3e-3),
+                    train=dict(share_k=16, warmup_steps=200, final_lr_fraction=1.0, targets=(0.5, 0.8, 0.9))),
 }
 PRESET_ALIASES = {"test": "smoke", "quick": "smoke", "default": "cpu", "laptop": "cpu", "full": "plan", "gpu": "plan"}
 
@@ -388,20 +395,28 @@ def competence_gate(frame,            # from `metrics_frame` (with its `competen
     return passed, f"{'; '.join(parts)} reach the competence bar {bar:g}"
 
 # %% ../nbs/11_experiments.ipynb #b7d20e02
+def pilot_variant(preset:str|Preset,  # the pilot's preset
+                  rate:float,           # one peak learning rate of its sweep
+                 )->Preset:             # the preset that trains every method at `rate` (named '<pilot>-lr<rate>')
+    "The protocol of one learning rate of a pilot's sweep."
+    preset = get_preset(preset)
+    check_number(rate, "rate", low=0, low_open=True)
+    return replace(preset, name=f"{preset.name}-lr{rate:g}", learning_rates={m: rate for m in preset.methods}, sweep=())
+
 def pilot_runs(preset:str|Preset,       # the pilot's preset (its methods, seeds and budget)
-               learning_rates,           # peak learning rates to sweep (every method at every rate)
                results_dir,              # one sub-folder per rate: lr<rate>/records/...
+               learning_rates=None,      # peak learning rates to sweep (every method at every rate); None: the preset's `sweep`
+               methods=None,             # a subset of the preset's methods (e.g. one per process); None: all of them
                device=None, workers:int=1, executor:str|None=None, log:bool=False,
               )->dict:                   # {rate: records}
     "Train every (method, seed) of `preset` at each learning rate of the sweep (records reused when present)."
     preset = get_preset(preset)
-    if not learning_rates: raise ValueError("learning_rates must name at least one rate")
-    found = {}
-    for rate in learning_rates:
-        check_number(rate, "learning_rates", low=0, low_open=True)
-        variant = replace(preset, name=f"{preset.name}-lr{rate:g}", learning_rates={m: rate for m in preset.methods})
-        found[rate] = run_many(preset.methods, preset.seeds, variant, Path(results_dir) / f"lr{rate:g}", device, workers, executor, log)
-    return found
+    learning_rates = preset.sweep if learning_rates is None else learning_rates
+    if not learning_rates: raise ValueError("learning_rates must name at least one rate (or the preset a sweep)")
+    unknown = set(methods or ()) - set(preset.methods)
+    if unknown: raise ValueError(f"methods must be among the pilot's {preset.methods}, got {sorted(unknown)}")
+    return {rate: run_many(methods or preset.methods, preset.seeds, pilot_variant(preset, rate), Path(results_dir) / f"lr{rate:g}",
+                           device, workers, executor, log) for rate in learning_rates}
 
 def best_learning_rates(runs:dict,   # {rate: records}, from `pilot_runs`
                        )->dict:      # {method: (rate, mean val exact match)}

@@ -13,7 +13,7 @@ from .provenance import (REPOSITORY, atomic_write, atomic_write_json, check_inte
                                current_umask, environment, read_json)
 from .runner import check_executor, resolve_device, run_jobs
 from .stats import markdown_table
-from .experiments import METHODS, PRESETS, get_preset, load_records, run_many
+from .experiments import METHODS, PRESETS, get_preset, load_records, pilot_runs, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
 from .sharing import sharing_jobs
 
@@ -197,7 +197,7 @@ def _positive(text:str)->int:
     return int(text)
 
 def _parser()->argparse.ArgumentParser:
-    "The `so8lab` argument parser (subcommands run, fewshot, report, export, list)."
+    "The `so8lab` argument parser (subcommands run, pilot, fewshot, report, export, list)."
     parser = argparse.ArgumentParser(prog="so8lab", description="so8lab: runs, few-shot studies, reports")
     commands = parser.add_subparsers(dest="command", required=True)
     def common(command, help_text):
@@ -211,6 +211,10 @@ def _parser()->argparse.ArgumentParser:
     runner = common("run", "train (method, seed) pairs")
     runner.add_argument("--methods", nargs="+", default=None, help=f"default: the preset's; choices {list(METHODS)}")
     runner.add_argument("--results-dir", default=None, help="default: reports/runs/<preset>")
+    pilot = common("pilot", "a pilot: every method of a pilot preset at each peak learning rate of its sweep")
+    pilot.add_argument("--methods", nargs="+", default=None, help="default: the pilot preset's (e.g. one method per process)")
+    pilot.add_argument("--rates", nargs="+", type=float, default=None, help="default: the preset's sweep")
+    pilot.add_argument("--results-dir", default=None, help="default: reports/pilot/runs (one lr<rate> folder per rate)")
     fewshot = common("fewshot", "few-shot studies of base runs")
     fewshot.add_argument("--base-methods", nargs="+", default=None, help="default: the few-shot preset's (proposed B0)")
     fewshot.add_argument("--results-dir", default=None, help="default: reports/runs/<preset>")
@@ -239,6 +243,12 @@ def _check_arguments(parser, arguments):
     try: resolve_device(arguments.device)
     except ValueError as error: refuse("--device", error)
     arguments.workers = arguments.workers or arguments.preset.workers
+    if arguments.command == "pilot":
+        if not (arguments.rates or arguments.preset.sweep): refuse("--preset", f"{arguments.preset.name} is not a pilot (it has no sweep); pass --rates")
+        for rate in arguments.rates or []:
+            if not rate > 0: refuse("--rates", f"learning rates must be > 0, got {rate}")
+        unknown = [m for m in arguments.methods or [] if m not in arguments.preset.methods]
+        if unknown: refuse("--methods", f"{unknown} are not methods of the pilot preset {arguments.preset.name}: {list(arguments.preset.methods)}")
     for name in ("methods", "base_methods"):
         unknown = [m for m in getattr(arguments, name, None) or [] if m not in METHODS]
         if unknown: refuse(f"--{name.replace('_', '-')}", f"unknown method(s) {unknown}; expected {list(METHODS)}")
@@ -293,6 +303,13 @@ def main(argv:list|None=None)->int:
         return 0
     preset, started = arguments.preset, time.perf_counter()
     options = dict(executor=arguments.executor, workers=arguments.workers, device=arguments.device, log=True)
+    if arguments.command == "pilot":
+        results_dir = arguments.results_dir or Path("reports") / "pilot" / "runs"
+        found = pilot_runs(preset, results_dir, arguments.rates, arguments.methods, **options)
+        for rate, records in found.items():
+            for r in records: print(f"lr {rate:g}  {r['method']:9} seed {r['seed']}  val exact match {r['metrics']['val']['exact_match']:.4f}")
+        print(f"{sum(map(len, found.values()))} records in {results_dir} ({time.perf_counter() - started:.0f} s)")
+        return 0
     if arguments.command in ("run", "fewshot"):
         results_dir = arguments.results_dir or Path("reports") / "runs" / preset.name
         if arguments.command == "run":
