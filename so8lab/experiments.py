@@ -319,12 +319,13 @@ def run_many(methods,                  # keys of METHODS
              workers:int=1,            # worker processes of a local Dask cluster
              executor:str|None=None,   # 'inline', 'local' or a Dask scheduler address; None: 'local' when workers > 1
              log:bool=False,           # one line per finished run (else a progress bar on a terminal)
+             train:bool=True,          # False: only read matching records (committed results); a missing one is an error
             )->list:                   # records in (method, seed) order
     "Run every (method, seed) pair that has no matching record yet; returns all the records."
     preset = get_preset(preset)
     jobs = [training_job(m, s, preset, results_dir) for m in methods for s in seeds]
     batched = resolve_device(device).type == "cuda"     # a batched forward pays on a GPU; on one CPU thread it does not
-    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} training runs", group=batched)
+    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} training runs", group=batched, compute=train)
 
 def load_records(results_dir, methods=None, seeds=None, preset:str|Preset|None=None)->list:
     "Records under `results_dir/records`, optionally filtered by methods, seeds and preset."
@@ -408,6 +409,7 @@ def pilot_runs(preset:str|Preset,       # the pilot's preset (its methods, seeds
                learning_rates=None,      # peak learning rates to sweep (every method at every rate); None: the preset's `sweep`
                methods=None,             # a subset of the preset's methods (e.g. one per process); None: all of them
                device=None, workers:int=1, executor:str|None=None, log:bool=False,
+               train:bool=True,          # False: only read matching records (a committed pilot); a missing one is an error
               )->dict:                   # {rate: records}
     "Train every (method, seed) of `preset` at each learning rate of the sweep (records reused when present)."
     preset = get_preset(preset)
@@ -416,7 +418,7 @@ def pilot_runs(preset:str|Preset,       # the pilot's preset (its methods, seeds
     unknown = set(methods or ()) - set(preset.methods)
     if unknown: raise ValueError(f"methods must be among the pilot's {preset.methods}, got {sorted(unknown)}")
     return {rate: run_many(methods or preset.methods, preset.seeds, pilot_variant(preset, rate), Path(results_dir) / f"lr{rate:g}",
-                           device, workers, executor, log) for rate in learning_rates}
+                           device, workers, executor, log, train) for rate in learning_rates}
 
 def best_learning_rates(runs:dict,   # {rate: records}, from `pilot_runs`
                        )->dict:      # {method: (rate, mean val exact match)}

@@ -340,6 +340,7 @@ def fewshot_records(base_methods=None,          # base runs to adapt; default: t
                     workers:int=1,              # worker processes of a local Dask cluster
                     executor:str|None=None,     # 'inline', 'local' or a Dask scheduler address; None: 'local' when workers > 1
                     log:bool=False,             # one line per finished study (else a progress bar on a terminal)
+                    compute:bool=True,          # False: only read current records (committed results); a missing one is an error
                    )->list:                     # records in (base method, seed) order
     "Run (or reuse) the few-shot record of every (base method, seed)."
     preset = get_preset(preset)
@@ -350,7 +351,7 @@ def fewshot_records(base_methods=None,          # base runs to adapt; default: t
     if not seeds: raise ValueError("seeds must be a non-empty list of non-negative integers, got []")
     for seed in seeds: check_integer(seed, "seeds", low=0)
     jobs = [fewshot_job(m, s, preset, results_dir, settings) for m in settings.base_methods for s in seeds]
-    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} few-shot studies")
+    return run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} few-shot studies", compute=compute)
 
 def fewshot_study(base_methods=None, seeds=None, preset:str|Preset="cpu", results_dir="runs", compositions:int|None=None,
                   shots:tuple|None=None, adaptation_methods:tuple|None=None, device=None, workers:int=1,

@@ -165,12 +165,18 @@ def run_jobs(jobs:list,               # `Job`s
              log:bool=False,          # print one line per finished job (else a tqdm bar on a terminal)
              label:str="jobs",        # what the bar or the lines call the jobs
              group:bool=False,        # compute the pending jobs of one `group` key together (`run_group`)
+             compute:bool=True,       # False: only read current records (committed results); a missing one is an error
             )->list:                  # records, in the order of `jobs`
     "Records of all `jobs`: current ones read, the others computed by `executor`; failures raised after the rest."
     executor = executor or ("local" if workers > 1 else "inline")
     check_executor(executor); check_integer(workers, "workers", low=1); resolve_device(device)
+    if force and not compute: raise ValueError("force=True recomputes every job, so it needs compute=True")
     records = {} if force else {i: r for i, job in enumerate(jobs) if (r := current_record(job)) is not None}
     pending, failures, started = [i for i in range(len(jobs)) if i not in records], {}, time.perf_counter()
+    if pending and not compute:
+        names = ", ".join(jobs[i].name for i in pending[:5]) + (f" and {len(pending) - 5} more" if len(pending) > 5 else "")
+        raise FileNotFoundError(f"{len(pending)} of the {label} have no current record and compute=False: {names} "
+                                f"(e.g. {jobs[pending[0]].path}); compute them on a machine that can, or render another preset")
     units = _units(jobs, pending, group)
     bar = tqdm(total=len(jobs), initial=len(records), desc=label, disable=log or not sys.stderr.isatty())
     def finished(unit, result=None, error=None):
