@@ -75,6 +75,9 @@ PRESETS = {
     "pilot": Preset("pilot", None, 5000, 5000, steps=8000, groups=4, group_size=256, eval_every=250, seeds=(0, 1, 2),
                     methods=("proposed", "B0"), workers=1, threads=2, sweep=(1e-3, 3e-3),
                     train=dict(share_k=16, warmup_steps=200, final_lr_fraction=1.0, targets=(0.5, 0.8, 0.9))),
+    "pilot-smoke": Preset("pilot-smoke", None, 200, 200, steps=40, groups=2, group_size=24, eval_every=10, seeds=(0, 1),
+                          methods=("proposed", "B0"), sweep=(1e-3, 3e-3), model=dict(_SMALL, sae_width=128),
+                          train=dict(share_k=4, warmup_steps=5, final_lr_fraction=1.0, targets=(0.3, 0.5))),
 }
 PRESET_ALIASES = {"test": "smoke", "quick": "smoke", "default": "cpu", "laptop": "cpu", "full": "plan", "gpu": "plan"}
 
