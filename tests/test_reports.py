@@ -84,7 +84,10 @@ BAD = [(["run", "--seeds", "-1"], "argument --seeds"),
        (["report", "-p", "preset=nope"], "argument -p: ['preset'] are set by --preset and --out"),
        (["report", "--only", "H9"], "argument --only: unknown report(s) ['H9']"),
        (["report", "--only", "00_data", "-p", "sead=3"], "argument -p: ['sead'] are not parameters"),
-       (["list", "--results-dir", "no/such/folder"], "argument --results-dir: no/such/folder does not exist")]
+       (["list", "--results-dir", "no/such/folder"], "argument --results-dir: no/such/folder does not exist"),
+       (["pilot", "--preset", "smoke"], "argument --preset: smoke is not a pilot (it has no sweep); pass --rates"),
+       (["pilot", "--preset", "pilot-smoke", "--rates", "0"], "argument --rates: learning rates must be > 0, got 0.0"),
+       (["pilot", "--preset", "pilot-smoke", "--methods", "B1"], "argument --methods: ['B1'] are not methods of the pilot preset")]
 if not __import__("torch").cuda.is_available():
     BAD.append((["run", "--device", "cuda"], "argument --device: device 'cuda' is not available"))
 
@@ -109,3 +112,36 @@ def test_command_line_runs_and_lists_where_the_reports_look(tmp_path):
     empty = tmp_path / "empty"; empty.mkdir()
     nothing = so8lab("list", "--results-dir", str(empty), cwd=tmp_path)
     assert nothing.returncode == 0 and f"no records under {empty}" in nothing.stdout
+
+
+def _plateau(steps, values, gain, fraction):
+    "Brute force: the first step whose value gains < gain over the latest step at or before (1 - fraction) of it."
+    for i, step in enumerate(steps):
+        earlier = [j for j in range(len(steps)) if steps[j] <= (1 - fraction) * step]
+        if earlier and values[i] - values[earlier[-1]] < gain: return step
+    return None
+
+
+def test_pilot_report_decides_from_its_records_and_renders_them_without_training(tmp_path):
+    out = tmp_path / "pilot"
+    trained = so8lab("report", "--preset", "pilot-smoke", "--out", str(out), "--no-html", "--device", "cpu", cwd=tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    results = json.loads((out / "P0_pilot" / "results.json").read_text())
+    records = {rate: [json.loads(p.read_text()) for p in sorted((out / "runs" / "pilot-smoke" / f"lr{rate}" / "records").glob("*.json"))]
+               for rate in ("0.001", "0.003")}
+    assert all(len(found) == 4 for found in records.values())                 # 2 methods x 2 seeds at each rate
+    for method in ("proposed", "B0"):                                          # decision 1, recomputed from the record files
+        means = {rate: sum(r["metrics"]["val"]["exact_match"] for r in found if r["method"] == method) / 2 for rate, found in records.items()}
+        assert results["results"]["learning_rates"][method] == float(max(means, key=means.get))
+        runs = [r for r in records[f"{results['results']['learning_rates'][method]:g}"] if r["method"] == method]
+        steps = [p["step"] for p in runs[0]["curves"]]                        # decision 2, brute force on the running best
+        best = [sum(max(p["exact_match"] for p in r["curves"][:i + 1]) for r in runs) / 2 for i in range(len(steps))]
+        assert results["results"]["budgets"][method] == _plateau(steps, best, 0.01, 0.2)
+    assert (out / "P0_pilot" / "pilot_curves.png").stat().st_size > 0
+    assert "P0_pilot (pilot-smoke)" in (out / "summary.md").read_text()
+    again = so8lab("report", "--preset", "pilot-smoke", "--out", str(out), "--no-html", "--no-train", "--device", "cpu", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and " done (" not in again.stderr, again.stderr[-3000:]   # read, not retrained
+    (out / "runs" / "pilot-smoke" / "lr0.003" / "records" / "B0-seed1.json").unlink()
+    missing = so8lab("report", "--preset", "pilot-smoke", "--out", str(out), "--no-html", "--no-train", "--device", "cpu", cwd=tmp_path, timeout=600)
+    assert missing.returncode != 0 and "no current record and compute=False: B0-seed1" in missing.stderr
+    assert not (out / "runs" / "pilot-smoke" / "lr0.003" / "records" / "B0-seed1.json").exists()
