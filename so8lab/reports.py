@@ -174,7 +174,8 @@ def prepare_records(names,                 # report names (keys of REPORTS)
     seeds = parameters.get("seeds") or preset.seeds
     found = {"training": [], "fewshot": [], "sharing": [], "pilot": {}}
     if "P0_pilot" in names:
-        found["pilot"] = pilot_runs(preset, results_dir, device=device, workers=workers, executor=executor, log=log, train=train)
+        found["pilot"] = pilot_runs(preset, results_dir, parameters.get("rates"), device=device, workers=workers, executor=executor,
+                                    log=log, train=train)
     if set(names) & {"H1_compositional", "H3_training_time", "H4_sharing"}:
         found["training"] = run_many(parameters.get("methods") or preset.methods, seeds, preset, results_dir, device, workers,
                                      executor, log, train)
