@@ -1,5 +1,5 @@
-"""Tests for so8lab.fewshot: disjoint adaptation sets (brute-force comparison, not the module's hashes), patience in
-steps, selection on validation only, the caller's model and RNG untouched, frozen modules (BatchNorm included) in
+"""Tests for so8lab.fewshot: disjoint adaptation sets (brute-force comparison, not the module's hashes), a fixed budget
+whose weights never depend on the query, recipes tuned on compositions that are never targets, the caller's model and RNG untouched, frozen modules (BatchNorm included) in
 eval mode, record reuse without base checkpoints, parallel = sequential, and the command line. Hypothesis settings
 come from conftest.py."""
 import copy, json, os, shutil, subprocess, sys
@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from so8lab.adapters import ADAPTER_KINDS, adapted_layers, detach_adapters
 from so8lab.fewshot import (ADAPTATION_METHODS, FEWSHOT_PRESETS, STREAM_STRIDE, adapt, adaptation_sets, fewshot_compositions,
-                            fewshot_path, fewshot_study)
+                            fewshot_path, fewshot_study, tune_adaptation, tuning_compositions)
 from so8lab.stats import compare_bases, noninferiority, paired_values, retention
 from so8lab.models import GridModel, ModelConfig
 from so8lab.primitives import composition_from_id
@@ -34,7 +34,7 @@ def tiny_model(seed=0, config=TINY):
 
 @pytest.fixture(scope="module")
 def sets():
-    return adaptation_sets(COMPOSITION, seed=0, support_size=20, validation_size=40, query_size=48)
+    return adaptation_sets(COMPOSITION, seed=0, support_size=20, query_size=48)
 
 
 def shared(a, b):
@@ -49,15 +49,15 @@ def shared(a, b):
 @given(index=st.integers(0, 119), seed=st.integers(0, 1000))
 def test_sets_are_disjoint_single_composition_and_nested(index, seed):
     composition = fewshot_compositions(120)[index]
-    drawn = adaptation_sets(composition, seed, 20, 30, 30)
-    for first, second in (("support", "validation"), ("support", "query"), ("validation", "query")):
-        assert shared(drawn[first], drawn[second]) == 0
+    drawn = adaptation_sets(composition, seed, 20, 30)
+    assert sorted(drawn) == ["query", "support"]                                   # no labelled validation set of the target
+    assert shared(drawn["support"], drawn["query"]) == 0
     for batch in drawn.values():
         assert batch.composition.unique().tolist() == [composition]
         assert len(set(composition_from_id(composition))) == 3                      # an unseen multi-hot set
         assert shared(batch, batch) == len(batch)                                  # only the diagonal: no repeats
         assert batch.demo_inputs is not None
-    smaller = adaptation_sets(composition, seed, 5, 30, 30)["support"]
+    smaller = adaptation_sets(composition, seed, 5, 30)["support"]
     assert smaller.equal(drawn["support"][:5])
 
 
@@ -66,10 +66,13 @@ def test_compositions_are_heldout_and_distinct_from_training():
     for composition in fewshot_compositions(120):
         assert composition_from_id(composition) not in training
     assert len(set(fewshot_compositions(120))) == 120
+    for n in (1, 4, 60):                                                           # tuning never touches a target
+        assert not set(tuning_compositions(n)) & set(fewshot_compositions(120 - n))
+        assert all(composition_from_id(c) not in training for c in tuning_compositions(n))
 
 
 def test_compositions_read_separate_streams():
-    a, b = (adaptation_sets(c, 0, 10, 10, 10)["support"] for c in fewshot_compositions(2))
+    a, b = (adaptation_sets(c, 0, 10, 10)["support"] for c in fewshot_compositions(2))
     assert int(a.sample_index[0]) == fewshot_compositions(2)[0] * STREAM_STRIDE
     assert not torch.equal(a.inputs, b.inputs)
 
@@ -83,7 +86,7 @@ def test_caller_model_rng_and_flags_untouched(method, sets):
     base.primitive_head.weight.requires_grad_(False)                  # an unusual caller state that must survive
     before = copy.deepcopy(base.state_dict())
     rng = torch.get_rng_state()
-    result = adapt(base, method, sets["support"], sets["validation"], sets["query"], max_steps=10, patience=10, eval_every=5,
+    result = adapt(base, method, sets["support"], sets["query"], steps=10, eval_every=5,
                    learning_rate=1e-2 if method != "full" else 1e-3)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -96,8 +99,8 @@ def test_caller_model_rng_and_flags_untouched(method, sets):
 @pytest.mark.parametrize("method", ADAPTER_KINDS)
 def test_only_adapter_parameters_change(method, sets):
     base = tiny_model()
-    result = adapt(base, method, sets["support"], sets["validation"], max_steps=20, patience=20, eval_every=5)
-    assert result.best_step > 0                                       # the selected state is an adapted one
+    result = adapt(base, method, sets["support"], steps=20, eval_every=5)
+    assert result.steps == 20                                         # the final state, after every step
     adapter_tensors = [p for w in adapted_layers(result.model).values() for p in w.adapter_parameters()]
     assert any(float(p.detach().abs().sum()) > 0 for p in adapter_tensors)
     restored = detach_adapters(copy.deepcopy(result.model)).state_dict()
@@ -125,7 +128,7 @@ def test_batchnorm_statistics_do_not_move(method, sets):
     base.forward_batch(sets["query"])                                # give the running statistics non-default values
     base.eval()
     statistics = {k: v.clone() for k, v in base.norm.state_dict().items() if "running" in k or "batches" in k}
-    result = adapt(base, method, sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5)
+    result = adapt(base, method, sets["support"], sets["query"], steps=10, eval_every=5)
     norm = result.model.norm
     for name, value in statistics.items(): assert torch.equal(norm.state_dict()[name], value), name
 
@@ -137,7 +140,7 @@ def test_every_base_module_runs_in_eval_mode(sets):
                for name, m in base.named_modules()]
     base.train()
     for method in ADAPTATION_METHODS:
-        adapt(base, method, sets["support"][:5], sets["validation"], max_steps=4, patience=4, eval_every=2)
+        adapt(base, method, sets["support"][:5], sets["query"], steps=4, eval_every=2)
     for h in handles: h.remove()
     assert modes and not [name for name, training in modes if training]
 
@@ -148,93 +151,89 @@ def test_dropout_is_off_during_adaptation(sets):
     noisy = GridModel(replace(TINY, dropout=0.5)).eval()
     quiet = GridModel(TINY).eval()
     quiet.load_state_dict(noisy.state_dict())
-    a = adapt(noisy, "full", sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5, seed=1)
-    b = adapt(quiet, "full", sets["support"], sets["validation"], max_steps=10, patience=10, eval_every=5, seed=2)
+    a = adapt(noisy, "full", sets["support"], sets["query"], steps=10, eval_every=5, seed=1)
+    b = adapt(quiet, "full", sets["support"], sets["query"], steps=10, eval_every=5, seed=2)
     assert a.curve == b.curve
 
 
-# ---------------------------------------------------------------- patience, selection, targets
+# ---------------------------------------------------------------- a fixed budget, the query only watched, tuning
 
-@settings(max_examples=15)
-@given(eval_every=st.integers(1, 6), multiple=st.integers(1, 4))
-def test_flat_curve_stops_exactly_patience_steps_after_best(eval_every, multiple, sets):
-    patience = eval_every * multiple
-    flat = adapt(tiny_model(), "lora", sets["support"][:5], sets["validation"], max_steps=200, learning_rate=1e-12,
-                 patience=patience, eval_every=eval_every)
-    assert (flat.best_step, flat.stopped_step) == (0, patience)
-    assert [s for s, _ in flat.curve] == list(range(0, patience + 1, eval_every))
-    assert len({iou for _, iou in flat.curve}) == 1
-
-
-@settings(max_examples=10)
-@given(eval_every=st.integers(2, 7), patience=st.integers(1, 15))
-def test_patience_counts_steps_even_between_evaluations(eval_every, patience, sets):
-    flat = adapt(tiny_model(), "lora", sets["support"][:5], sets["validation"], max_steps=200, learning_rate=1e-12,
-                 patience=patience, eval_every=eval_every)
-    assert flat.stopped_step == patience
-    assert all(s % eval_every == 0 and s <= patience for s, _ in flat.curve)
-
-
-def test_stopping_counts_from_the_latest_best(sets):
-    result = adapt(tiny_model(), "lora", sets["support"], sets["validation"], max_steps=300, patience=10, eval_every=5)
-    steps = [s for s, _ in result.curve]
-    assert result.stopped_step == min(300, result.best_step + 10)
-    assert result.best_step == min(s for s, iou in result.curve if iou == max(i for _, i in result.curve))  # strict improvement
-    later = [iou for s, iou in result.curve if s > result.best_step]
-    assert all(iou <= result.best_validation_iou for iou in later) and steps[-1] == result.stopped_step
+@settings(max_examples=8)
+@given(steps=st.integers(1, 25), eval_every=st.integers(1, 7))
+def test_the_result_is_the_final_state_after_exactly_its_steps(steps, eval_every, sets):
+    result = adapt(tiny_model(), "lora", sets["support"][:5], sets["query"], steps=steps, eval_every=eval_every)
+    expected = sorted({0, steps, *range(eval_every, steps + 1, eval_every)})
+    assert [s for s, _, _ in result.curve] == expected and result.steps == steps
+    final = evaluate(result.model, sets["query"])
+    assert (final["exact_match"], final["iou"]) == pytest.approx(result.curve[-1][1:], abs=1e-6)
+    assert result.query == final
 
 
 def deceptive(model, batch):
-    "`batch` with `model`'s own predictions as targets (IoU 1 for that model)."
+    "`batch` with `model`'s own predictions as targets (exact match 1 for that model)."
     with torch.no_grad(): predicted = model.forward_batch(batch).logits.argmax(1).to(batch.outputs.dtype)
     return replace(batch, outputs=predicted)
 
 
-def test_selection_follows_validation_not_query(sets):
+def test_the_query_never_changes_the_weights(sets):
     base = tiny_model()
-    honest = adapt(base, "lora", sets["support"], sets["validation"], deceptive(base, sets["query"]), max_steps=30, patience=30, eval_every=5)
-    assert honest.best_step > 0 and honest.query["iou"] < 1.0        # a query-peeking selector would have kept step 0
-    fooled = adapt(base, "lora", sets["support"], deceptive(base, sets["validation"]), sets["query"], max_steps=30, patience=30, eval_every=5)
-    assert fooled.best_step == 0 and fooled.curve[0][1] == 1.0
-    assert fooled.query == evaluate(base, sets["query"])
-    assert evaluate(honest.model, sets["validation"])["iou"] == pytest.approx(honest.best_validation_iou, abs=1e-6)
+    honest = adapt(base, "lora", sets["support"], sets["query"], steps=30, eval_every=5)
+    fooled = adapt(base, "lora", sets["support"], deceptive(base, sets["query"]), steps=30, eval_every=5)
+    blind = adapt(base, "lora", sets["support"], steps=30, eval_every=5)
+    for other in (fooled, blind):
+        assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in honest.model.state_dict().items())
+    assert fooled.curve[0][1] == 1.0 and fooled.query["exact_match"] < 1.0      # a peeking selector would have kept step 0
 
 
 def test_steps_to_gain_from_the_curve(sets):
-    result = adapt(tiny_model(), "full", sets["support"], sets["validation"], max_steps=40, patience=40, eval_every=5,
-                   learning_rate=1e-3, gains=(0.0, 0.005, 0.02, 0.99))
+    result = adapt(tiny_model(), "full", sets["support"], sets["query"], steps=40, eval_every=5, learning_rate=1e-3,
+                   gains=(0.0, 0.005, 0.02, 0.99))
     start = result.curve[0][1]
     for gain, step in result.steps_to_gain.items():
-        reached = [s for s, iou in result.curve if iou >= start + gain]
+        reached = [s for s, exact, _ in result.curve if exact >= start + gain]
         assert step == (reached[0] if reached else None)
     assert result.steps_to_gain[0.0] == 0 and result.steps_to_gain[0.99] is None
+
+
+def test_tuning_picks_the_best_mean_gain_by_brute_force():
+    base = tiny_model()
+    tuning = {c: adaptation_sets(c, 0, 10, 24) for c in tuning_compositions(2)}
+    recipe = tune_adaptation(base, "full", 10, tuning, (1e-3, 3e-3), 20, 10)
+    table = {}
+    for rate in (1e-3, 3e-3):
+        runs = [adapt(base, "full", s["support"][:10], s["query"], 20, rate, 10, ()) for s in tuning.values()]
+        for i, (step, _, _) in enumerate(runs[0].curve):
+            table[(rate, step)] = (np.mean([r.curve[i][1] - r.curve[0][1] for r in runs]), np.mean([r.curve[i][2] - r.curve[0][2] for r in runs]))
+    best = max(table, key=lambda key: (*table[key], -key[1], -key[0]))
+    assert (recipe["rate"], recipe["steps"]) == best
+    assert (recipe["exact_gain"], recipe["iou_gain"]) == pytest.approx(table[best], abs=1e-12)
+    assert len(recipe["grid"]) == len(table) == 6                                # steps 0, 10, 20 at each rate
 
 
 # ---------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="adalora"), "method must be one of"),
-    (dict(max_steps=0), "max_steps must be a positive integer"),
-    (dict(patience=-5), "patience must be a positive integer"),
+    (dict(steps=0), "steps must be a positive integer"),
     (dict(eval_every=1.5), "eval_every must be a positive integer"),
     (dict(learning_rate=-1e-3), r"learning_rate must be a finite number in \(0, inf\)"),
     (dict(gains=(1.5,)), r"gains must be a finite number in \[0, 1\)"),
     (dict(adapter_options={"r": 0}), "r must be a positive integer"),
 ])
 def test_bad_arguments_are_named(kwargs, message, sets):
-    arguments = {**dict(model=tiny_model(), method="lora", support=sets["support"], validation=sets["validation"]), **kwargs}
+    arguments = {**dict(model=tiny_model(), method="lora", support=sets["support"], query=sets["query"]), **kwargs}
     with pytest.raises(ValueError, match=message): adapt(**arguments)
 
 
 def test_bad_sets_are_named(sets):
     base = tiny_model()
     mixed = sample_tasks(6, "heldout", 0, composition=torch.tensor(fewshot_compositions(2) * 3))
-    with pytest.raises(ValueError, match="support must hold one composition"): adapt(base, "lora", mixed, sets["validation"])
-    other = adaptation_sets(fewshot_compositions(2)[1], 0, 5, 5, 5)
-    with pytest.raises(ValueError, match="validation holds composition"): adapt(base, "lora", sets["support"], other["validation"])
-    with pytest.raises(ValueError, match="validation shares 2 sample"): adapt(base, "lora", sets["support"], sets["support"][:2])
-    with pytest.raises(ValueError, match="support must be a non-empty"): adapt(base, "lora", sets["support"][:0], sets["validation"])
-    with pytest.raises(TypeError, match="model must be an nn.Module"): adapt(nn.Linear(2, 2), "lora", sets["support"], sets["validation"])
+    with pytest.raises(ValueError, match="support must hold one composition"): adapt(base, "lora", mixed, sets["query"])
+    other = adaptation_sets(fewshot_compositions(2)[1], 0, 5, 5)
+    with pytest.raises(ValueError, match="query holds composition"): adapt(base, "lora", sets["support"], other["query"])
+    with pytest.raises(ValueError, match="query shares 2 sample"): adapt(base, "lora", sets["support"], sets["support"][:2])
+    with pytest.raises(ValueError, match="support must be a non-empty"): adapt(base, "lora", sets["support"][:0], sets["query"])
+    with pytest.raises(TypeError, match="model must be an nn.Module"): adapt(nn.Linear(2, 2), "lora", sets["support"], sets["query"])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -243,6 +242,7 @@ def test_bad_sets_are_named(sets):
     (dict(compositions=0), "compositions must be a positive integer"),
     (dict(adaptation_methods=("lora", "prefix")), "adaptation_methods"),
     (dict(base_methods=("B4",)), "base_methods"),
+    (dict(compositions=119), "compositions \\+ tuning_compositions"),
 ])
 def test_bad_study_settings_are_named(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message): fewshot_study(seeds=[0], preset="smoke", results_dir=tmp_path, device="cpu", **kwargs)
@@ -334,12 +334,17 @@ def test_parallel_study_equals_sequential_and_reuses_records(smoke_runs, tmp_pat
     assert not [p for p in (tmp_path / "b" / "fewshot").iterdir() if p.suffix != ".json" and p.name != ".locks"]
 
 
-def test_censored_steps_are_max_steps(smoke_runs, tmp_path):
+def test_censored_steps_are_the_runs_own_length(smoke_runs, tmp_path):
     frame = fewshot_study(["B0"], [0], "smoke", copy_runs(smoke_runs, tmp_path / "c"), device="cpu")
     gain = FEWSHOT_PRESETS["smoke"].gains[0]
     unreached = frame[~frame[f"reached_gain_{gain}"]]
-    assert (unreached[f"steps_to_gain_{gain}"] == FEWSHOT_PRESETS["smoke"].max_steps).all()
-    assert (frame.best_step <= frame.stopped_step).all() and (frame.stopped_step <= 30).all()
+    assert (unreached[f"steps_to_gain_{gain}"] == unreached.steps).all()
+    assert (frame.steps <= FEWSHOT_PRESETS["smoke"].max_steps).all()
+    assert (frame[frame.unadapted].gain_exact_match == 0).all()
+    record = json.loads(fewshot_path(tmp_path / "c", "B0", 0).read_text())
+    for row in frame.itertuples():                                                 # each target used its own tuned recipe
+        recipe = record["recipes"][f"{row.adaptation_method}-{row.shots}"]
+        assert (row.steps, row.learning_rate) == (recipe["steps"], recipe["rate"])
 
 
 def cli(*args):
