@@ -263,8 +263,8 @@ class FewShotPreset:
 FEWSHOT_PRESETS = {
     "smoke": FewShotPreset("smoke", 1, (5,), ("lora", "so8"), ("proposed", "B0"), max_steps=20, eval_every=5, query_size=64,
                            tuning_compositions=1, rates={"lora": (1e-2,), "so8": (1e-2, 3e-2)}, gains=(0.01,)),
-    "cpu": FewShotPreset("cpu", 3, (5, 20), ADAPTATION_METHODS, ("proposed", "B0"), max_steps=200, eval_every=20, query_size=200,
-                         tuning_compositions=2, rates={m: (r, 3 * r) for m, r in LEARNING_RATES.items()}, workers=2),
+    "cpu": FewShotPreset("cpu", 3, (5, 20), ADAPTATION_METHODS, ("proposed", "B0"), max_steps=100, eval_every=20, query_size=200,
+                         tuning_compositions=2, rates={m: (r,) for m, r in LEARNING_RATES.items()}, workers=2),
     "plan": FewShotPreset("plan", 6, (5, 10, 20), ADAPTATION_METHODS, ("proposed", "B0"), max_steps=500, eval_every=10,
                           query_size=500, tuning_compositions=4, gains=(0.01, 0.02, 0.05), workers=8),
 }
