@@ -242,7 +242,7 @@ def test_bad_sets_are_named(sets):
     (dict(compositions=0), "compositions must be a positive integer"),
     (dict(adaptation_methods=("lora", "prefix")), "adaptation_methods"),
     (dict(base_methods=("B4",)), "base_methods"),
-    (dict(compositions=119), "compositions \\+ tuning_compositions"),
+    (dict(compositions=120), "compositions \\+ tuning_compositions"),
 ])
 def test_bad_study_settings_are_named(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message): fewshot_study(seeds=[0], preset="smoke", results_dir=tmp_path, device="cpu", **kwargs)
