@@ -225,7 +225,7 @@ def _parser()->argparse.ArgumentParser:
     pilot = common("pilot", "a pilot: every method of a pilot preset at each peak learning rate of its sweep")
     pilot.add_argument("--methods", nargs="+", default=None, help="default: the pilot preset's (e.g. one method per process)")
     pilot.add_argument("--rates", nargs="+", type=float, default=None, help="default: the preset's sweep")
-    pilot.add_argument("--results-dir", default=None, help="default: reports/pilot/runs (one lr<rate> folder per rate)")
+    pilot.add_argument("--results-dir", default=None, help="default: reports/pilot/runs/<preset> (one lr<rate> folder per rate)")
     fewshot = common("fewshot", "few-shot studies of base runs")
     fewshot.add_argument("--base-methods", nargs="+", default=None, help="default: the few-shot preset's (proposed B0)")
     fewshot.add_argument("--results-dir", default=None, help="default: reports/runs/<preset>")
@@ -318,7 +318,7 @@ def main(argv:list|None=None)->int:
     preset, started = arguments.preset, time.perf_counter()
     options = dict(executor=arguments.executor, workers=arguments.workers, device=arguments.device, log=True)
     if arguments.command == "pilot":
-        results_dir = arguments.results_dir or Path("reports") / "pilot" / "runs"
+        results_dir = arguments.results_dir or Path("reports") / "pilot" / "runs" / preset.name   # where `so8lab report --out reports/pilot` reads
         found = pilot_runs(preset, results_dir, arguments.rates, arguments.methods, **options)
         for rate, records in found.items():
             for r in records: print(f"lr {rate:g}  {r['method']:9} seed {r['seed']}  val exact match {r['metrics']['val']['exact_match']:.4f}")

@@ -145,3 +145,14 @@ def test_pilot_report_decides_from_its_records_and_renders_them_without_training
     missing = so8lab("report", "--preset", "pilot-smoke", "--out", str(out), "--no-html", "--no-train", "--device", "cpu", cwd=tmp_path, timeout=600)
     assert missing.returncode != 0 and "no current record and compute=False: B0-seed1" in missing.stderr
     assert not (out / "runs" / "pilot-smoke" / "lr0.003" / "records" / "B0-seed1.json").exists()
+
+
+def test_pilot_command_writes_where_the_pilot_report_reads(tmp_path):
+    trained = so8lab("pilot", "--preset", "pilot-smoke", "--methods", "B0", "--rates", "0.003", "--device", "cpu", cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    folder = tmp_path / "reports" / "pilot" / "runs" / "pilot-smoke" / "lr0.003" / "records"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["B0-seed0.json", "B0-seed1.json"]
+    assert "2 records in" in trained.stdout and "lr 0.003  B0" in trained.stdout
+    render = so8lab("report", "--preset", "pilot-smoke", "--out", "reports/pilot", "--no-train", "--no-html", "-p", "rates=[0.003]",
+                    "--device", "cpu", cwd=tmp_path, timeout=600)
+    assert render.returncode != 0 and "no current record and compute=False: proposed-seed0" in render.stderr   # B0's were found
