@@ -173,8 +173,8 @@ def adapt(model:nn.Module,                  # base model with `forward_batch` (e
         torch.manual_seed(seed)
         adapted = adaptable_copy(model, method, adapter_options)
         monitored = (query if query is not None else support).to(device)
-        result = _fit(adapted, method, support.to(device), monitored, steps, learning_rate, eval_every, gains, keep_snapshots)
-    result.monitor = "query" if query is not None else "support"
+        result = _fit(adapted, method, support.to(device), monitored, "query" if query is not None else "support", steps,
+                      learning_rate, eval_every, gains, keep_snapshots)
     if query is not None: result.query = evaluate(adapted, query.to(device))
     return result
 
@@ -183,7 +183,7 @@ class _RepeatedBatch:
     def __init__(self, batch:TaskBatch): self.batch = batch
     def __getitem__(self, step:int)->TaskBatch: return self.batch
 
-def _fit(adapted, method, support, monitored, steps, learning_rate, eval_every, gains, keep_snapshots=False)->Adaptation:
+def _fit(adapted, method, support, monitored, monitor, steps, learning_rate, eval_every, gains, keep_snapshots=False)->Adaptation:
     "Adapt a prepared copy with `so8lab.training.Trainer`: task loss only, constant rate, `steps` steps, the final state kept."
     named = [(name, p) for name, p in adapted.named_parameters() if p.requires_grad]
     snapshots = [] if keep_snapshots else None
@@ -198,8 +198,8 @@ def _fit(adapted, method, support, monitored, steps, learning_rate, eval_every, 
     if support.inputs.device.type == "cuda": torch.cuda.synchronize(support.inputs.device)
     curve = [(point["step"], point["exact_match"], point["iou"]) for point in state["history"]]
     reached = {float(g): next((s for s, exact, _ in curve if exact >= curve[0][1] + g), None) for g in gains}
-    return Adaptation(method, state["step"], learning_rate, "", curve, reached, time.perf_counter() - started,
-                      sum(p.numel() for _, p in named), None, adapted.eval(), snapshots)
+    return Adaptation(method, state["step"], learning_rate, monitor, curve, reached, time.perf_counter() - started,
+                      count_parameters(adapted), None, adapted.eval(), snapshots)
 
 
 # %% ../nbs/12_fewshot.ipynb #a7e0c001
@@ -293,7 +293,7 @@ def _study_sets(config:dict, composition:int, device)->dict:
 
 def _study_adaptation(model, config:dict, sets:dict, shots:int, method:str, recipe:dict, keep_snapshots:bool=False)->Adaptation:
     "One target adaptation exactly as the study with configuration `config` runs it, with its tuned `recipe` (rate, steps)."
-    return adapt(model, method, sets["support"][:shots], sets["query"], max(recipe["steps"], 1), recipe["rate"], config["eval_every"],
+    return adapt(model, method, sets["support"][:shots], sets["query"], recipe["steps"], recipe["rate"], config["eval_every"],
                  tuple(config["gains"]), seed=config["seed"], keep_snapshots=keep_snapshots)
 
 def _study_recipes(model, config:dict, device)->dict:
@@ -311,9 +311,8 @@ def _adapt_composition(model, config:dict, composition:int, recipes:dict, device
         for method in config["adaptation_methods"]:
             recipe = recipes[f"{method}-{shots}"]
             if recipe["steps"] == 0:   # the tuning found no budget that helps: the unadapted model is the result
-                trainable = sum(p.numel() for p in adaptable_copy(model, method).parameters() if p.requires_grad)
                 results.append({"composition": composition, "shots": shots, "method": method, "steps": 0, "learning_rate": recipe["rate"],
-                                "trainable_parameters": trainable, "query": None, "unadapted": True})
+                                "trainable_parameters": count_parameters(adaptable_copy(model, method)), "query": None, "unadapted": True})
                 continue
             outcome = _study_adaptation(model, config, sets, shots, method, recipe)
             results.append({"composition": composition, "shots": shots, **outcome.to_dict(), "unadapted": False})
@@ -387,7 +386,7 @@ def fewshot_frame(records:list)->"pd.DataFrame":
                    **{f"query_{k}": adapted[k] for k in ("exact_match", "changed_accuracy", "iou")},
                    **{f"gain_{k}": adapted[k] - zero[k] for k in ("exact_match", "changed_accuracy", "iou")}}
             for gain in r["gains"]:
-                step = None if a["unadapted"] else a["steps_to_gain"].get(str(float(gain)), a["steps_to_gain"].get(float(gain)))
+                step = None if a["unadapted"] else a["steps_to_gain"][str(float(gain))]   # records are JSON: string keys
                 row[f"steps_to_gain_{float(gain)}"] = float(a["steps"] if step is None else step)   # censored at the run's own length
                 row[f"reached_gain_{float(gain)}"] = step is not None
             rows.append(row)

@@ -251,6 +251,8 @@ def verdict(comparisons:Comparison|Sequence[Comparison], # one comparison, or on
     return verdicts[0] if single else verdicts
 
 # %% ../nbs/09_stats.ipynb #d71e489d
+BELOW_COMPETENCE = "not testable: below competence"   # the verdict of every comparison whose runs failed the competence gate
+
 def _row(name:str, comparison:Comparison, judged:Verdict)->dict:
     "One table row of a comparison and its verdict."
     c = comparison
@@ -265,12 +267,15 @@ def comparison_table(comparisons:dict[str, Comparison]|Sequence[Comparison], # o
                      alpha:float=0.05,                          # family-wise significance level
                      higher_is_better:bool|Sequence[bool]=True,  # direction of improvement, one or one per comparison
                      min_effect:float=0.0,                      # smallest improvement that matters (metric units)
+                     competent:bool=True,                       # False: the compared runs failed the competence gate, no verdict
+                     competence:str="",                         # the gate's numbers, e.g. 'B0 0/4 runs reach 0.95'
                     ):                                          # pandas DataFrame, one row per comparison
     "DataFrame of a family of comparisons: means and CIs, difference, effect size, test, raw and Holm p-values, verdicts."
     import pandas as pd
     named = list(comparisons.items()) if isinstance(comparisons, dict) else [(c.name, c) for c in comparisons]
     if not named: raise ValueError("comparisons is empty: need at least one comparison")
     verdicts = verdict([c for _, c in named], alpha, higher_is_better, min_effect)
+    if not competent: verdicts = [v._replace(label=BELOW_COMPETENCE, reason=f"below competence: {competence}") for v in verdicts]
     return pd.DataFrame([_row(name, c, v) for (name, c), v in zip(named, verdicts)])
 
 # %% ../nbs/09_stats.ipynb #298b38a5
@@ -319,6 +324,7 @@ def verdict_rows(table,               # from `so8lab.stats.comparison_table`
     for _, row in table.iterrows():
         evidence = (f"Δ={row.difference:+.4g} [{row.difference_low:+.3g}, {row.difference_high:+.3g}], "
                     f"{row.effect}={row.effect_size:.2f}, p_Holm={row.p_holm:.3g}, seeds {row.seeds}, {row.test}")
+        if row.verdict == BELOW_COMPETENCE: evidence += f"; {row.reason}"
         rows.append({"hypothesis": hypothesis, "question": question.format(comparison=row.comparison),
                      "verdict": row.verdict, "evidence": evidence, "p_holm": float(row.p_holm),
                      "difference": float(row.difference), "effect_size": float(row.effect_size)})
@@ -471,8 +477,6 @@ def paired_t_tests(treatment,                 # per-seed values of the treatment
                 p_better=_t_test(differences, better), p_worse=_t_test(differences, worse), p_equivalent=_tost(treatment, baseline, sesoi))
 
 # %% ../nbs/09_stats.ipynb #4a20a091
-BELOW_COMPETENCE = "not testable: below competence"
-
 def _primary_verdict(row:dict, alpha:float)->tuple[str, str]:
     "Verdict label and one-line reason of one metric from its Holm-adjusted p-values (NaN is never significant)."
     better, worse, equivalent = (bool(row[f"p_{kind}_holm"] < alpha) for kind in ("better", "worse", "equivalent"))

@@ -370,6 +370,17 @@ def test_comparison_table_rows_and_holm():
     with pytest.raises(ValueError, match="comparisons is empty"): comparison_table({})
 
 
+def test_a_family_below_competence_gets_no_verdict_but_keeps_its_numbers():
+    family = {"IoU": simulate(0.2, True, 0), "exact": simulate(-0.2, True, 2)}
+    judged, gated = comparison_table(family), comparison_table(family, competent=False, competence="B0 0/4 runs reach 0.95")
+    assert gated.verdict.tolist() == ["not testable: below competence"] * 2 and judged.verdict[0] == "supported"
+    np.testing.assert_allclose(gated.p_holm, judged.p_holm)
+    np.testing.assert_allclose(gated.difference, judged.difference)
+    rows = verdict_rows(gated, "H4", "{comparison}")
+    assert all(r["evidence"].endswith("; below competence: B0 0/4 runs reach 0.95") for r in rows)
+    assert not any("below competence" in r["evidence"] for r in verdict_rows(judged, "H4", "{comparison}"))
+
+
 def test_markdown_table_hand_written():
     import pandas as pd
     frame = pd.DataFrame({"name": ["a|b", "c"], "n": [3, 10], "x": [1234.5678, float("nan")], "ok": [True, False]})
