@@ -12,7 +12,7 @@ requirements = cfg.get('requirements', '').split()
 # Everything else the workbench uses: notebooks, papermill reports, widgets, tests, benchmarks.
 dev_requirements = """triton nbdev execnb fastcore ghapi jupyterlab ipykernel ipywidgets anywidget plotly matplotlib
 papermill nbformat nbclient nbconvert pytest pytest-xdist hypothesis tensorboard pandas playwright psutil bokeh
-statsmodels lifelines""".split()
+statsmodels lifelines peft""".split()
 
 setuptools.setup(
     name=cfg['lib_name'],
