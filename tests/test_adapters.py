@@ -4,6 +4,9 @@ Hypothesis settings come from conftest.py."""
 import itertools
 import math
 import re
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -15,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-from so8lab.adapters import (ADAPTER_KINDS, AdaptedLinear, LightweightSO8Adapter, LoRA, SO8Rotation, SO8VisualAdapter,
-                             adapted_layers, adapter_parameters, attach_adapters, detach_adapters, fold_rotation,
-                             freeze_base, merge_adapters, unfold_rotation, unmerge_adapters)
-from so8lab.models import GridModel, ModelConfig
-from so8lab.rotations import orthogonality_error
+from so8lab.adapters import (ADAPTER_KINDS, PEFT_KINDS, AdaptedLinear, LightweightSO8Adapter, LoRA, PeftLinear, SO8Rotation,
+                             SO8VisualAdapter, adapted_layers, adapter_parameters, attach_adapters, detach_adapters,
+                             fold_rotation, freeze_base, merge_adapters, orthogonal_matrices, orthogonality_error,
+                             unfold_rotation, unmerge_adapters)
+from so8lab.models import GridModel, ModelConfig, count_parameters
+from so8lab.rotations import orthogonality_error as matrix_orthogonality_error
 from so8lab.tasks import sample_tasks
 
 PAIRS = list(itertools.combinations(range(8), 2))
@@ -108,7 +112,7 @@ def test_orthogonality_survives_10000_adam_steps():
     R = rotation.rotations().detach()
     assert R.dtype == torch.float32
     assert torch.linalg.vector_norm(rotation.coordinates.detach(), dim=-1).max() > 1.0
-    assert orthogonality_error(R).max().item() < 2e-5
+    assert matrix_orthogonality_error(R).max().item() < 2e-5
     np.testing.assert_allclose(torch.linalg.det(R.double()).numpy(), 1.0, atol=1e-5)
 
 
@@ -285,7 +289,8 @@ def test_ill_conditioned_blend_keeps_a_copy_and_unmerges_exactly():
 
 # --- attaching to a GridModel -----------------------------------------------------------------------------------
 
-OPTIONS = {"lora": dict(r=3), "so8": dict(gate_init=0.75), "lightweight_so8": dict(num_sets=3, mode="ste")}
+OPTIONS = {"lora": dict(r=3), "so8": dict(gate_init=0.75), "lightweight_so8": dict(num_sets=3, mode="ste"),
+           "oft": dict(block_size=4), "hra": dict(r=4), "road": dict(variant="road_2", group_size=4)}
 
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
@@ -295,7 +300,10 @@ def test_attached_model_equals_base_model_exactly(model, batch, kind):
         originals = (model.bottleneck_in, model.bottleneck_out)
         adapted = attach_adapters(model, kind, **OPTIONS[kind]).forward_batch(batch)
     for field in ("logits", "h", "h_cells", "z", "h_hat", "primitive_logits"):
-        assert torch.equal(getattr(adapted, field), getattr(reference, field)), field
+        if kind == "hra":   # peft multiplies W by a product of paired reflections: the identity to float32 rounding
+            expected = getattr(reference, field)
+            assert (getattr(adapted, field) - expected).abs().max() <= 1e-6 * expected.abs().max(), field
+        else: assert torch.equal(getattr(adapted, field), getattr(reference, field)), field
     detach_adapters(model)
     assert model.bottleneck_in is originals[0] and model.bottleneck_out is originals[1]
 
@@ -356,7 +364,7 @@ def test_detach_unmerges_first(model, batch):
 
 
 def test_clear_errors(model):
-    with pytest.raises(ValueError, match="kind must be one of"): attach_adapters(model, "oft")
+    with pytest.raises(ValueError, match="kind must be one of"): attach_adapters(model, "dora")
     with pytest.raises(ValueError, match="where: model has no submodule 'nope'"): attach_adapters(model, "lora", where="nope")
     with pytest.raises(ValueError, match="is a LayerNorm, not an nn.Linear"): attach_adapters(model, "lora", where="encoder_norm")
     with pytest.raises(ValueError, match="where must name at least one"): attach_adapters(model, "lora", where=())
@@ -373,3 +381,276 @@ def test_clear_errors(model):
     with pytest.raises(RuntimeError, match="is not merged"): model.bottleneck_in.unmerge()
     with pytest.raises(ValueError, match=r"gate_init must be a finite number in \(0, 1\], got 0"): SO8Rotation(8, gate_init=0)
     with pytest.raises(TypeError, match="base must be an nn.Linear"): LoRA(nn.Identity(), 2)
+
+
+# --- peft's peers: OFT, HRA, RoAd ---------------------------------------------------------------------------------
+
+PEFT_PARAMETERS = {"oft": ["tuner.oft_R.default.weight"], "hra": ["tuner.hra_u.default"],
+                   "road": ["tuner.road_theta.default", "tuner.road_alpha.default"]}
+
+
+def peft_layer(kind, in_features=16, out_features=24, **options):
+    torch.manual_seed(0)
+    return PeftLinear(nn.Linear(in_features, out_features), kind, **options)
+
+
+def redraw(parameters, std, seed=0, shift=False):
+    "Set (or with `shift`, move) every tensor by N(0, std²) draws."
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in parameters:
+            draw = std * torch.randn(p.shape, generator=generator)
+            p.add_(draw) if shift else p.copy_(draw)
+
+
+def skew(vector, n):
+    "n×n skew matrix from the row-major upper triangle, by an explicit loop."
+    Q = np.zeros((n, n))
+    for k, (i, j) in enumerate(itertools.combinations(range(n), 2)):
+        Q[i, j], Q[j, i] = vector[k], -vector[k]
+    return Q
+
+
+def reference_oft_blocks(weight, block_size, neumann):
+    "float64 [blocks, b, b]: peft's 5-term Cayley–Neumann series I + 2Q + 2Q² + 2Q³ + Q⁴, or exact (I − Q)(I + Q)⁻¹."
+    I, out = np.eye(block_size), []
+    for v in np.asarray(weight, dtype=np.float64):
+        Q = skew(v, block_size)
+        out.append(I + 2 * Q + 2 * Q @ Q + 2 * Q @ Q @ Q + Q @ Q @ Q @ Q if neumann else (I - Q) @ np.linalg.inv(I + Q))
+    return np.stack(out)
+
+
+def reference_householder(u):
+    "float64 H = H(u_1)···H(u_r), H(u) = I − 2uuᵀ/‖u‖², columns u_i of `u` [n, r]."
+    H = np.eye(len(u))
+    for i in range(u.shape[1]):
+        v = u[:, i:i + 1]
+        H = H @ (np.eye(len(u)) - 2 * v @ v.T / (v.T @ v))
+    return H
+
+
+def reference_road(y, theta, alpha, variant, group_size):
+    "float64 RoAd on outputs y [..., n]: in each group, y_j and y_{j+g/2} turned by α·R(θ) (one (θ, α) per pair in road_1)."
+    n, half = y.shape[-1], group_size // 2
+    if variant == "road_1":
+        theta, alpha = (np.repeat(t.reshape(-1, 1, half), 2, axis=1).reshape(n) for t in (theta, alpha))
+    out = np.empty_like(y)
+    for start in range(0, n, group_size):
+        for j in range(half):
+            a, b = start + j, start + half + j
+            out[..., a] = alpha[a] * (np.cos(theta[a]) * y[..., a] - np.sin(theta[a]) * y[..., b])
+            out[..., b] = alpha[b] * (np.sin(theta[b]) * y[..., a] + np.cos(theta[b]) * y[..., b])
+    return out
+
+
+@pytest.mark.parametrize("kind, options", [("oft", {}), ("oft", dict(block_size=4, use_cayley_neumann=False)),
+                                           ("hra", dict(r=2)), ("hra", {}), ("road", {}),
+                                           ("road", dict(variant="road_4", group_size=24))])
+def test_peft_peers_start_as_the_identity(kind, options):
+    layer = peft_layer(kind, **options)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(): y, expected = layer(x), layer.base(x)
+    if kind == "hra": assert (y - expected).abs().max() <= 1e-6   # paired reflections: I to float32 rounding
+    else: assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("kind, options, per_layer", [
+    ("oft", dict(block_size=2), lambda i, o: (i // 2) * 1),          # (in/b) blocks of b(b−1)/2 skew coordinates
+    ("oft", dict(block_size=8), lambda i, o: (i // 8) * 28),
+    ("oft", dict(block_size=16), lambda i, o: (i // 16) * 120),
+    ("hra", dict(r=2), lambda i, o: 2 * i), ("hra", dict(r=6), lambda i, o: 6 * i),     # r vectors of width in
+    ("road", dict(variant="road_1"), lambda i, o: o),                                    # θ and α per output pair
+    ("road", dict(variant="road_2", group_size=16), lambda i, o: 2 * o),
+    ("road", dict(variant="road_4", group_size=2), lambda i, o: 4 * o)])
+def test_freeze_base_leaves_exactly_the_peft_parameters_trainable(model, kind, options, per_layer):
+    originals = (model.bottleneck_in, model.bottleneck_out)
+    attach_adapters(model, kind, **options)
+    trainable = freeze_base(model)
+    assert count_parameters(model) == per_layer(32, 16) + per_layer(16, 32)   # bottleneck_in 32 → 16, bottleneck_out 16 → 32
+    for wrapper in adapted_layers(model).values():                               # per layer: input side vs output side
+        assert sum(p.numel() for p in wrapper.adapter_parameters()) == per_layer(wrapper.base.in_features, wrapper.base.out_features)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names == [f"{layer}.{suffix}" for layer in ("bottleneck_in", "bottleneck_out") for suffix in PEFT_PARAMETERS[kind]]
+    assert [id(p) for p in trainable] == [id(p) for p in model.parameters() if p.requires_grad]
+    for wrapper, original in zip(adapted_layers(model).values(), originals):
+        assert wrapper.base is original and wrapper.tuner.base_layer is original
+        assert wrapper.training and wrapper.tuner.training and not original.training
+        assert not any(p.requires_grad for p in original.parameters())
+    assert len(adapter_parameters(model)) == 2 * len(PEFT_PARAMETERS[kind])
+
+
+@pytest.mark.parametrize("kind, options", [("oft", {}), ("oft", dict(use_cayley_neumann=False)), ("hra", dict(r=4)),
+                                           ("road", {}), ("road", dict(variant="road_4", group_size=16))])
+def test_peft_merge_keeps_the_output_and_unmerge_restores_the_weights(model, batch, kind, options):
+    originals = (model.bottleneck_in, model.bottleneck_out)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    attach_adapters(model, kind, **options)
+    redraw(adapter_parameters(model), 0.3, shift=True)
+    with torch.no_grad():
+        adapted = model.forward_batch(batch).logits
+        merged = merge_adapters(model).forward_batch(batch).logits
+    assert all(w.merged and w.tuner.merged for w in adapted_layers(model).values())
+    moved = max((originals[i].weight - state[f"{name}.weight"]).abs().max().item() for i, name in enumerate(("bottleneck_in", "bottleneck_out")))
+    assert moved > 1e-2
+    assert (merged - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+    unmerge_adapters(model)
+    assert not any(w.merged or w.tuner.merged for w in adapted_layers(model).values())
+    detach_adapters(model)
+    assert model.bottleneck_in is originals[0] and model.bottleneck_out is originals[1]
+    for name, value in state.items():
+        assert (model.state_dict()[name] - value).abs().max() <= 1e-5 * value.abs().max().clamp_min(1e-30), name
+
+
+def test_detach_of_a_merged_peft_model_unmerges_first(model):
+    originals = (model.bottleneck_in, model.bottleneck_out)
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    attach_adapters(model, "hra", r=4)
+    redraw(adapter_parameters(model), 0.5)
+    merge_adapters(model)
+    detach_adapters(model)
+    assert model.bottleneck_in is originals[0] and model.bottleneck_out is originals[1]
+    for name, value in state.items():
+        assert (model.state_dict()[name] - value).abs().max() <= 1e-5 * value.abs().max().clamp_min(1e-30), name
+
+
+@pytest.mark.parametrize("kind, options", [("so8", {}), ("so8", dict(gate_init=0.5)), ("lightweight_so8", dict(num_sets=3)),
+                                           ("oft", dict(use_cayley_neumann=False)), ("hra", dict(r=4))])
+@pytest.mark.parametrize("std", [0.1, 0.5])
+def test_exact_maps_are_orthogonal_to_float_rounding(model, kind, options, std):
+    attach_adapters(model, kind, **options)
+    redraw(adapter_parameters(model), std)                          # gates too: the rotation part ignores them
+    errors = orthogonality_error(model)
+    assert sorted(errors) == ["bottleneck_in", "bottleneck_out"]
+    assert max(errors.values()) < 1e-5
+    for wrapper in adapted_layers(model).values():   # the error is of the matrices applied: compare with a reference
+        M = as64(orthogonal_matrices(wrapper))
+        if kind in ("so8", "lightweight_so8"):
+            expected = reference_blends(as64(wrapper.adapter.coordinates).reshape(-1, 28), 1.0)
+        elif kind == "oft":
+            expected = dense(reference_oft_blocks(as64(wrapper.tuner.oft_R["default"].weight), 8, neumann=False))[None]
+        else: expected = reference_householder(as64(wrapper.tuner.hra_u["default"])).T[None]
+        np.testing.assert_allclose(M, expected, atol=1e-5)
+
+
+def test_cayley_neumann_is_visibly_not_orthogonal(model):
+    attach_adapters(model, "oft")                                   # peft's default: use_cayley_neumann=True
+    redraw(adapter_parameters(model), 0.3)
+    errors = orthogonality_error(model)
+    for name, wrapper in adapted_layers(model).items():
+        R = reference_oft_blocks(as64(wrapper.tuner.oft_R["default"].weight), 8, neumann=True)
+        expected = np.abs(np.swapaxes(R, -1, -2) @ R - np.eye(8)).max()
+        assert errors[name] > 1e-2
+        assert errors[name] == pytest.approx(expected, rel=1e-4)
+
+
+def test_additive_and_scaled_adapters_report_no_orthogonality(model):
+    attach_adapters(model, "lora")
+    assert orthogonality_error(model) == {} and orthogonal_matrices(model.bottleneck_in) is None
+    detach_adapters(model)
+    attach_adapters(model, "road")
+    assert orthogonality_error(model) == {}
+    detach_adapters(model)
+    assert orthogonality_error(model) == {}                          # no adapters (fewshot's 'full'): nothing to report
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+@pytest.mark.parametrize("block_size", [2, 4, 8])
+def test_oft_is_an_independent_cayley_map_before_the_layer(neumann, block_size):
+    layer = peft_layer("oft", block_size=block_size, use_cayley_neumann=neumann)
+    redraw(layer.adapter_parameters(), 0.1)
+    R = dense(reference_oft_blocks(as64(layer.tuner.oft_R["default"].weight), block_size, neumann))
+    np.testing.assert_allclose(as64(orthogonal_matrices(layer)[0]), R, atol=1e-5)
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2))
+    W, b = as64(layer.base.weight), as64(layer.base.bias)
+    np.testing.assert_allclose(as64(layer(x)), as64(x) @ R @ W.T + b, atol=1e-5)
+    with torch.no_grad(): applied = layer.base(x @ torch.block_diag(*orthogonal_matrices(layer)))
+    np.testing.assert_allclose(as64(layer(x)), as64(applied), atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_hra_is_an_independent_reflection_product_before_the_layer(r):
+    layer = peft_layer("hra", r=r)
+    redraw(layer.adapter_parameters(), 0.5)
+    H = reference_householder(as64(layer.tuner.hra_u["default"]))
+    np.testing.assert_allclose(as64(orthogonal_matrices(layer)[0]), H.T, atol=1e-5)
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2))
+    W, b = as64(layer.base.weight), as64(layer.base.bias)
+    np.testing.assert_allclose(as64(layer(x)), as64(x) @ H.T @ W.T + b, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, group_size", [("road_1", 8), ("road_1", 24), ("road_2", 4)])
+def test_road_turns_output_pairs_by_scaled_rotations(variant, group_size):
+    layer = peft_layer("road", variant=variant, group_size=group_size)
+    redraw(layer.adapter_parameters(), 0.7, shift=True)
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(2))
+    theta, alpha = as64(layer.tuner.road_theta["default"]), as64(layer.tuner.road_alpha["default"])
+    expected = reference_road(as64(layer.base(x)), theta, alpha, variant, group_size)
+    np.testing.assert_allclose(as64(layer(x)), expected, atol=1e-5)
+
+
+def test_peft_clear_errors(model):
+    originals = (model.bottleneck_in, model.bottleneck_out)
+    with pytest.raises(ValueError, match=r"options \['r'\] are not accepted by kind='oft' \(accepted: \['block_size', 'use_cayley_neumann'\]\)"):
+        attach_adapters(model, "oft", r=3)
+    with pytest.raises(ValueError, match=r"'bottleneck_in' \(in_features=32, out_features=16\): block_size must divide in_features=32, got 12"):
+        attach_adapters(model, "oft", block_size=12)
+    with pytest.raises(ValueError, match=r"'bottleneck_out' .*block_size must divide in_features=16, got 32"):
+        attach_adapters(model, "oft", block_size=32)                 # fits bottleneck_in; nothing is attached
+    with pytest.raises(ValueError, match="block_size must be an integer"): attach_adapters(model, "oft", block_size=1)
+    with pytest.raises(ValueError, match=r"use_cayley_neumann must be one of \[True, False\], got 'yes'"):
+        attach_adapters(model, "oft", use_cayley_neumann="yes")
+    with pytest.raises(ValueError, match="r must be an even integer"): attach_adapters(model, "hra", r=3)
+    with pytest.raises(ValueError, match="r must be an integer"): attach_adapters(model, "hra", r=0)
+    with pytest.raises(ValueError, match=r"options \['apply_GS'\] are not accepted by kind='hra'"): attach_adapters(model, "hra", apply_GS=True)
+    with pytest.raises(ValueError, match="group_size must be even and divide out_features=16, got 32"): attach_adapters(model, "road", group_size=32)
+    with pytest.raises(ValueError, match="group_size must be even and divide out_features=16, got 6"): attach_adapters(model, "road", group_size=6)
+    with pytest.raises(ValueError, match=r"variant must be one of \['road_1', 'road_2', 'road_4'\], got 'road_3'"):
+        attach_adapters(model, "road", variant="road_3")
+    with pytest.raises(ValueError, match="kind must be one of"): PeftLinear(nn.Linear(8, 8), "lora")
+    with pytest.raises(TypeError, match="base must be an nn.Linear"): PeftLinear(nn.Conv1d(8, 8, 1), "oft")
+    assert adapted_layers(model) == {} and (model.bottleneck_in, model.bottleneck_out) == originals
+
+
+def test_peft_kinds_need_peft_and_the_core_does_not(monkeypatch, model):
+    monkeypatch.setitem(sys.modules, "peft", None)                   # as if peft were not installed
+    with pytest.raises(ImportError, match=re.escape("kind='hra' needs peft: pip install peft")): attach_adapters(model, "hra")
+    assert adapted_layers(model) == {}
+    code = "import sys; sys.modules['peft'] = None; import so8lab.adapters as a; print(a.ADAPTER_KINDS, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "('lora', 'so8', 'lightweight_so8', 'oft', 'hra', 'road') False"
+
+
+def test_peft_peers_are_silent(model, batch):
+    "No warnings from peft while attaching, training, merging, unmerging and detaching."
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kind in PEFT_KINDS:
+            attach_adapters(model, kind, **OPTIONS[kind])
+            F.cross_entropy(model.forward_batch(batch).logits, batch.outputs.long()).backward()
+            merge_adapters(model); unmerge_adapters(model); detach_adapters(model)
+
+
+def test_deepcopy_of_a_peft_model_is_independent(model, batch):
+    import copy
+    attach_adapters(model, "oft")
+    twin = copy.deepcopy(model)
+    assert twin.bottleneck_in.base is twin.bottleneck_in.tuner.base_layer and twin.bottleneck_in.base is not model.bottleneck_in.base
+    with torch.no_grad(): before = model.forward_batch(batch).logits
+    redraw(adapter_parameters(twin), 0.3)
+    with torch.no_grad(): assert torch.equal(model.forward_batch(batch).logits, before)
+
+
+def test_parameter_table_widths_are_the_presets_and_counts_match_hand_formulas():
+    from so8lab.experiments import run_configs
+    cpu = ModelConfig(d_model=64, bottleneck_dim=64, layers=2, heads=4, sae_width=256, patch_size=2)
+    assert run_configs("proposed", "cpu")[0] == cpu and run_configs("proposed", "plan")[0] == ModelConfig()
+    torch.manual_seed(0)
+    grid_model, d = GridModel(cpu), 64
+    expected = {("lora", 1): 2 * (d + d), ("so8", True): 2 * 29 * d // 8, ("so8", False): 2 * 28 * d // 8,
+                ("oft", 8): 2 * (d // 8) * 28, ("hra", 8): 2 * 8 * d, ("road", "road_1"): 2 * d}
+    options = {"lora": "r", "so8": "learn_gate", "oft": "block_size", "hra": "r", "road": "variant"}
+    for (kind, value), count in expected.items():
+        attach_adapters(grid_model, kind, **{options[kind]: value})
+        freeze_base(grid_model)
+        assert count_parameters(grid_model) == count, (kind, value)
+        detach_adapters(grid_model)

@@ -324,7 +324,7 @@ def test_parallel_study_equals_sequential_and_reuses_records(smoke_runs, tmp_pat
                              executor="local")          # a Dask LocalCluster of two worker processes
     settings_ = FEWSHOT_PRESETS["smoke"]
     assert len(sequential) == 2 * settings_.compositions * len(settings_.shots) * len(settings_.adaptation_methods)
-    columns = [c for c in sequential.columns if c != "wall_seconds"]
+    columns = [c for c in sequential.columns if c not in ("wall_seconds", "step_seconds")]   # timings differ
     assert sequential[columns].equals(parallel[columns])
     shutil.rmtree(tmp_path / "b" / "checkpoints")                       # records brought back without checkpoints
     again = fewshot_study(["B0"], [0, 1], "smoke", tmp_path / "b", device="cpu")
@@ -361,3 +361,35 @@ def test_command_line(smoke_runs, tmp_path):
     assert fewshot_path(directory, "B0", 0).exists()
     bad = cli("--preset", "huge", "--results-dir", str(directory))
     assert bad.returncode == 2 and "unknown preset 'huge'" in bad.stderr
+
+
+# ---------------------------------------------------------------- the adapter Pareto study
+
+def test_pareto_variants_train_what_their_names_say():
+    "Every Pareto method builds, and the trainable parameter counts of ours follow hand formulas on the tiny model's two layers."
+    from so8lab.fewshot import ADAPTER_VARIANTS, PARETO_METHODS, adaptable_copy
+    from so8lab.models import count_parameters
+    base = tiny_model()
+    outs = (TINY.bottleneck_dim, TINY.d_model)          # bottleneck_in: d_model -> bottleneck; bottleneck_out: bottleneck -> d_model
+    ins = (TINY.d_model, TINY.bottleneck_dim)
+    assert set(PARETO_METHODS) <= set(ADAPTER_VARIANTS) and len(set(PARETO_METHODS)) == len(PARETO_METHODS)
+    counts = {m: count_parameters(adaptable_copy(base, m)) for m in PARETO_METHODS}
+    for r in (1, 2, 4, 8):
+        assert counts["lora" if r == 4 else f"lora-r{r}"] == sum(r * (i + o) for i, o in zip(ins, outs))
+    assert counts["so8"] == sum(29 * o // 8 for o in outs) and counts["so8-ungated"] == sum(28 * o // 8 for o in outs)
+    for k in (2, 4, 8):
+        selector = sum((o + 1) * k for o in outs)
+        for suffix in ("", "-ste", "-gumbel"):
+            name = "lightweight_so8" if (k, suffix) == (4, "") else f"lightweight_so8-k{k}{suffix}"
+            assert counts[name] == sum(28 * k * o // 8 for o in outs) + selector
+    assert counts["full"] == count_parameters(base, trainable_only=False)
+    for peer in ("oft", "hra", "road"): assert 0 < counts[peer] < counts["full"]
+
+
+def test_pareto_front_matches_brute_force():
+    from so8lab.fewshot import pareto_front
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        p, g = rng.integers(1, 5, 12), rng.integers(0, 4, 12)
+        brute = [not any(p[j] <= p[i] and g[j] >= g[i] and (p[j] < p[i] or g[j] > g[i]) for j in range(12)) for i in range(12)]
+        assert pareto_front(p, g).tolist() == brute
