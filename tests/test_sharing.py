@@ -13,7 +13,10 @@ from hypothesis import given, settings, strategies as st
 from so8lab.cka import unit_statistics
 from so8lab.models import GridModel, ModelConfig
 from so8lab.primitives import composition_ids
-from so8lab.sharing import Representations, collect_representations, layer_group_cka, paired_tasks, sharing_metrics
+from so8lab.cka import cka_matrix
+from so8lab.sharing import (CKA_PERMUTATIONS, REPRESENTATIONS, SHARING_CONTROLS, SHARING_METHODS, SHARING_SPLITS, Representations,
+                            collect_representations, group_cka_null, layer_group_cka, paired_tasks, sharing_jobs, sharing_metrics)
+from so8lab.sharing import _centred_grams, _mean_pairwise_cka, _null_orders
 from so8lab.tasks import sample_tasks, split_compositions
 
 HELDOUT = split_compositions("heldout")
@@ -143,10 +146,12 @@ def test_collect_representations_matches_forward(overrides, context_tokens):
         direct = model(tasks.inputs, tasks.tokens, tasks.demo_inputs, tasks.demo_outputs, return_hidden=True)
     torch.testing.assert_close(collected.h, direct.h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(collected.z, direct.z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(collected.cells, direct.h_cells, rtol=1e-5, atol=1e-5)
+    assert collected.cells.shape == (len(tasks), model.config.cells, 8)
     assert list(collected.layers) == ["layer 1", "layer 2"]
     for i, name in enumerate(collected.layers):
         torch.testing.assert_close(collected.layers[name], direct.hidden[i][:, context_tokens:].mean(1), rtol=1e-5, atol=1e-5)
-    for value in (collected.h, collected.z, *collected.layers.values()):
+    for value in (collected.h, collected.cells, collected.z, *collected.layers.values()):
         assert value.device.type == "cpu" and value.dtype == torch.float32 and not value.requires_grad
     assert torch.equal(collected.composition, tasks.composition) and torch.equal(collected.inputs, tasks.inputs)
 
@@ -168,6 +173,13 @@ def test_representations_validation(shared):
         Representations(shared.h, shared.z, {}, shared.composition, shared.multi_hot.numpy(), shared.inputs)
     with pytest.raises(TypeError, match="layers must be a dict"):
         Representations(shared.h, shared.z, [shared.h], shared.composition, shared.multi_hot, shared.inputs)
+    with pytest.raises(ValueError, match="cells has 3 rows but composition has"):
+        Representations(shared.h, shared.z, {}, shared.composition, shared.multi_hot, shared.inputs, shared.h[:3, None])
+    with pytest.raises(ValueError, match=r"cells must be \[n, N, D\] with D = 24 \(the width of h\), got shape \(1200, 24\)"):
+        Representations(shared.h, shared.z, {}, shared.composition, shared.multi_hot, shared.inputs, shared.h)
+    with pytest.raises(TypeError, match="cells must be a torch.Tensor"):
+        Representations(shared.h, shared.z, {}, shared.composition, shared.multi_hot, shared.inputs, shared.h.numpy())
+    assert Representations(shared.h, shared.z, {}, shared.composition, shared.multi_hot, shared.inputs).cells is None   # older callers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,3 +331,149 @@ def test_layer_group_cka(shared, shared_metrics):
 def test_layer_group_cka_errors(shared):
     with pytest.raises(TypeError, match="representations must be Representations"): layer_group_cka(shared.h)
     with pytest.raises(ValueError, match="need at least 2 composition groups sharing"): layer_group_cka(shared, min_group_size=41)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The permutation null of cross-task CKA
+
+
+def brute_force_null(groups, orders):
+    "The statistic for each order, recomputed from explicitly reordered copies of the data with the textbook HSIC_1."
+    values = []
+    for order in orders:
+        moved = [x[o] - x[o].mean(0) for x, o in zip(groups, order)]
+        values.append(np.mean([debiased_cka(a, b) for i, a in enumerate(moved) for b in moved[i + 1:]]))
+    return np.array(values)
+
+
+@pytest.mark.parametrize("groups, rows, width", [(4, 6, 3), (3, 9, 20), (5, 7, 7)])
+def test_vectorised_null_equals_brute_force(groups, rows, width):
+    rng = np.random.default_rng(groups)
+    data = [rng.standard_normal((rows, width)) + 0.5 * rng.standard_normal((rows, 1)) for _ in range(groups)]
+    orders = _null_orders(6, groups, rows, seed=3)
+    assert orders.shape == (6, groups, rows) and all(sorted(o) == list(range(rows)) for o in orders.reshape(-1, rows))
+    grams, self_hsic = _centred_grams(data)
+    np.testing.assert_allclose(_mean_pairwise_cka(grams, self_hsic, orders), brute_force_null(data, orders), rtol=0, atol=1e-10)
+    for order in orders[:2]:   # and against the module's own cka_matrix
+        table = cka_matrix({g: x[o] for g, (x, o) in enumerate(zip(data, order))}, debiased=True).to_numpy()
+        assert _mean_pairwise_cka(grams, self_hsic, order[None])[0] == pytest.approx(table[np.triu_indices(groups, 1)].mean(), abs=1e-10)
+    identity = np.arange(rows)[None].repeat(groups, 0)[None]
+    assert group_cka_null(data, 0)["cka_debiased"] == pytest.approx(brute_force_null(data, identity)[0], abs=1e-10)
+
+
+def test_null_uses_the_seeded_orders():
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((8, 5)) for _ in range(3)]
+    result = group_cka_null(data, 50, seed=7)
+    null = brute_force_null(data, _null_orders(50, 3, 8, seed=7))
+    assert result["cka_null_mean"] == pytest.approx(null.mean(), abs=1e-10)
+    assert result["cka_null_sd"] == pytest.approx(null.std(ddof=1), abs=1e-10)
+    assert result["cka_null_p"] == (1 + np.sum(null >= result["cka_debiased"] - 1e-12)) / 51
+    assert group_cka_null(data, 50, seed=7) == result and group_cka_null(data, 50, seed=8) != result
+
+
+def test_null_separates_grid_only_from_independent_representations():
+    rng = np.random.default_rng(0)
+    grid = rng.standard_normal((32, 16))   # depends only on the grid: the same under every composition (up to rotation)
+    perfect = group_cka_null([grid @ np.linalg.qr(rng.standard_normal((16, 16)))[0] for _ in range(12)], 500, seed=0)
+    assert perfect["cka_debiased"] == pytest.approx(1.0, abs=1e-12) and perfect["cka_null_p"] == 1 / 501 <= 0.05
+    assert abs(perfect["cka_null_mean"]) < 0.01
+    p = [group_cka_null([np.random.default_rng((seed, g)).standard_normal((32, 16)) for g in range(12)], 500, seed=seed)["cka_null_p"]
+         for seed in range(20)]
+    assert np.median(p) > 0.2 and sum(x <= 0.05 for x in p) <= 3     # roughly uniform under the null
+
+
+def test_null_in_sharing_metrics(shared_metrics):
+    m = shared_metrics
+    assert m["cka_permutations"] == 200 and m["cka_null_p"] == 1 / 201 and abs(m["cka_null_mean"]) < 0.01 < m["cka_debiased"]
+    independent = sharing_metrics(make(0.0), k=4)
+    assert independent["cka_null_p"] > 0.05
+    off = sharing_metrics(make(0.0), k=4, cka_permutations=0)
+    assert off["cka_debiased"] == independent["cka_debiased"] and math.isnan(off["cka_null_p"]) and off["cka_permutations"] == 0
+
+
+def test_group_cka_null_errors():
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    with pytest.raises(ValueError, match="matrices must hold at least 2 groups"): group_cka_null([x])
+    with pytest.raises(ValueError, match=r"matrices must have the same number of rows \(one per shared grid\), got \[5, 8\]"): group_cka_null([x, x[:5]])
+    with pytest.raises(ValueError, match="n_permutations must be"): group_cka_null([x, x], n_permutations=2.5)
+    with pytest.raises(ValueError, match=r"matrices\[1\] has no variance"): group_cka_null([x, np.ones((8, 3))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# At the cell tokens the decoder reads
+
+
+def with_cells(data, tokens=4, spread=0., grid_only=False, rank=4, seed=0):
+    """`data` with `tokens` cell tokens per sample whose mean is h: h plus rank-`rank` residuals with zero mean over the
+    cells, drawn per sample (not shared across compositions) or as a function of the grid (shared)."""
+    n, width = data.h.shape
+    _, grid = np.unique(data.inputs.reshape(n, -1).numpy(), axis=0, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    latent, mapping = rng.standard_normal((n, rank)), rng.standard_normal((rank, tokens * width))
+    residual = ((latent[grid.ravel()] if grid_only else latent) @ mapping).reshape(n, tokens, width)
+    cells = data.h[:, None].double() + spread * torch.tensor(residual - residual.mean(1, keepdims=True))
+    return Representations(data.h, data.z, data.layers, data.composition, data.multi_hot, data.inputs, cells.float())
+
+
+def both_levels(data, **options):
+    return {level: sharing_metrics(data, k=4, **options, representation=level) for level in REPRESENTATIONS}
+
+
+def test_repeated_tokens_measure_what_h_measures():
+    metrics = both_levels(with_cells(make(0.6, groups=10)))
+    for key in ("cka_debiased", "cka_null_mean", "cka_null_p", "grassmann_geodesic", "relative_eigengap_median"):
+        assert metrics["cells"][key] == pytest.approx(metrics["h"][key], abs=1e-9)
+    assert abs(metrics["cells"]["probe_transfer_auroc"] - metrics["h"]["probe_transfer_auroc"]) < 0.05   # same span, other L2 scale
+
+
+@pytest.mark.parametrize("sharing, grid_only, higher", [(1.0, False, "h"), (0.0, True, "cells")])
+def test_levels_differ_as_constructed(sharing, grid_only, higher):
+    "Shared h with per-sample token residuals: high CKA at h, low at the cells; unshared h with grid-only residuals: the reverse."
+    metrics = both_levels(with_cells(make(sharing), spread=3., grid_only=grid_only))
+    lower = "cells" if higher == "h" else "h"
+    assert metrics[higher]["cka_debiased"] > 0.8 and abs(metrics[lower]["cka_debiased"]) < 0.1
+    assert metrics[higher]["cka_null_p"] == 1 / 201
+    assert metrics[higher]["grassmann_geodesic"] < metrics[lower]["grassmann_geodesic"]
+
+
+def test_cells_definitions():
+    "Cells-level CKA is CKA of the flattened tokens; Grassmann uses each composition's pooled token cloud."
+    data = with_cells(make(0.5, groups=5), tokens=3, spread=1.)
+    metrics = sharing_metrics(data, k=3, representation="cells")
+    cells = data.cells.double().numpy()
+    groups = [cells[(data.composition == g).numpy()] for g in data.composition.unique()]
+    pairs = [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:]]
+    flat = lambda x: x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0)
+    assert metrics["cka_debiased"] == pytest.approx(np.mean([debiased_cka(flat(a), flat(b)) for a, b in pairs]), abs=1e-10)
+    cloud = lambda x: x.reshape(-1, x.shape[-1])
+    assert metrics["grassmann_geodesic"] == pytest.approx(np.mean([geodesic(cloud(a), cloud(b), 3) for a, b in pairs]), abs=1e-6)
+    assert not {"units", "selective_units", "selective_fraction"} & set(metrics)     # the SAE reads h
+    assert {"units", "selective_units", "selective_fraction"} <= set(sharing_metrics(data, k=3))
+
+
+def test_cells_errors(shared):
+    with pytest.raises(ValueError, match=r"representation='cells' needs the cell tokens, but representations.cells is None"):
+        sharing_metrics(shared, k=4, representation="cells")
+    with pytest.raises(ValueError, match=r"representation must be one of \['h', 'cells'\], got 'z'"):
+        sharing_metrics(shared, k=4, representation="z")
+    with pytest.raises(ValueError, match="cka_permutations must be"):
+        sharing_metrics(shared, k=4, cka_permutations=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Jobs
+
+
+def test_sharing_jobs_cover_the_controls(tmp_path):
+    jobs = sharing_jobs("smoke", tmp_path, seeds=[0, 1])
+    assert SHARING_METHODS == ("proposed", "B0", "B1", "B2") and SHARING_CONTROLS == {"B2": "B0", "proposed": "B1"}
+    assert [j.name for j in jobs] == [f"{m}-seed{s}-{split}" for m in SHARING_METHODS for s in (0, 1) for split in SHARING_SPLITS]
+    for job in jobs:
+        (base,) = job.inputs
+        assert job.config["base_config_hash"] == base.digest and base.config["method"] == job.config["method"]
+        assert job.config["representations"] == ["h", "cells"] and job.config["cka_permutations"] == CKA_PERMUTATIONS
+        assert job.config["heatmap"] == (job.config["seed"] == 0 and job.config["split"] == "heldout")
+    trained = {j.inputs[0].config["method"]: j.inputs[0].config["train"] for j in jobs}
+    assert trained["B2"]["share_weight"] > 0 == trained["B2"]["primitive_weight"] == trained["B2"]["sae_weight"]
+    assert trained["B1"]["share_weight"] == 0 < trained["B1"]["primitive_weight"]
