@@ -478,26 +478,41 @@ def _clip_configs():
 
 if HAS_TRITON:
     @triton.jit
-    def _load_rows(ptr, rows, num_rows, dim, BLOCK_K: tl.constexpr):
-        feats = tl.arange(0, BLOCK_K)
+    def _load_rows(ptr, rows, num_rows, dim, first, BLOCK_K: tl.constexpr):
+        "Features first..first+BLOCK_K-1 of `rows`, zeros outside the [num_rows, dim] matrix."
+        feats = first + tl.arange(0, BLOCK_K)
         return tl.load(ptr + rows[:, None].to(tl.int64) * dim + feats[None, :], mask=(rows[:, None] < num_rows) & (feats[None, :] < dim), other=0.0)
+
+    @triton.jit
+    def _chunked_logits(q_ptr, k_ptr, rows, cols, num_rows, dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr, EMULATE: tl.constexpr, COMPUTE: tl.constexpr):
+        "q_rows · k_colsᵀ (unscaled) as a sum over BLOCK_D-wide feature chunks, for D too wide to keep a row tile in registers."
+        raw = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
+        for first in range(0, dim, BLOCK_D):
+            q = _load_rows(q_ptr, rows, num_rows, dim, first, BLOCK_D)
+            raw += _dot(q, tl.trans(_load_rows(k_ptr, cols, num_rows, dim, first, BLOCK_D)), PRECISION, EMULATE).to(COMPUTE)
+        return raw
 
     @triton.autotune(configs=_clip_configs(), key=["num_rows", "dim"], do_bench=_tuning_timer)
     @triton.jit(do_not_specialize=["num_rows"])
     def _clip_lse_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, diag_ptr, num_rows, dim,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
                          EMULATE: tl.constexpr, COMPUTE: tl.constexpr, WRITE_DIAG: tl.constexpr):
         "Row log-sum-exp of s q kᵀ by an online reduction over k tiles; optionally the diagonal logits."
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr, rows, num_rows, dim, BLOCK_K)
+        if RESIDENT:  # the whole row tile (D <= BLOCK_D) is loaded once
+            q = _load_rows(q_ptr, rows, num_rows, dim, 0, BLOCK_D)
         scale = tl.load(scale_ptr).to(COMPUTE)
         running_max = tl.full((BLOCK_M,), float("-inf"), COMPUTE)
         running_sum = tl.zeros((BLOCK_M,), COMPUTE)
         diag = tl.zeros((BLOCK_M,), COMPUTE)
         for start in range(0, num_rows, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            logits = _dot(q, tl.trans(_load_rows(k_ptr, cols, num_rows, dim, BLOCK_K)), PRECISION, EMULATE).to(COMPUTE) * scale
-            logits = tl.where(cols[None, :] < num_rows, logits, float("-inf"))
+            if RESIDENT:
+                raw = _dot(q, tl.trans(_load_rows(k_ptr, cols, num_rows, dim, 0, BLOCK_D)), PRECISION, EMULATE).to(COMPUTE)
+            else:
+                raw = _chunked_logits(q_ptr, k_ptr, rows, cols, num_rows, dim, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, EMULATE, COMPUTE)
+            logits = tl.where(cols[None, :] < num_rows, raw * scale, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(logits, axis=1))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
             running_max = new_max
@@ -510,21 +525,27 @@ if HAS_TRITON:
     @triton.autotune(configs=_clip_configs(), key=["num_rows", "dim"], do_bench=_tuning_timer)
     @triton.jit(do_not_specialize=["num_rows"])
     def _clip_grad_kernel(q_ptr, k_ptr, lse_q_ptr, lse_k_ptr, scale_ptr, grad_ptr, dq_ptr, dscale_ptr, num_rows, dim,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                          EMULATE: tl.constexpr, COMPUTE: tl.constexpr, WRITE_DSCALE: tl.constexpr):
-        "dq = s G k with G = (softmax_rows + softmax_cols - 2I) / 2N · grad, tile by tile; optionally Σ_j G_ij q_i·k_j per row."
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr, RESIDENT: tl.constexpr,
+                          SPLIT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr, COMPUTE: tl.constexpr, WRITE_DSCALE: tl.constexpr):
+        "Features of dq = s G k in program_id(1)'s BLOCK_OUT slice, G = (softmax_rows + softmax_cols - 2I) / 2N · grad, tile by tile; optionally Σ_j G_ij q_i·k_j per row."
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr, rows, num_rows, dim, BLOCK_K)
+        first_out = tl.program_id(1) * BLOCK_OUT
+        if RESIDENT:  # D <= BLOCK_D = BLOCK_OUT: one slice, and each k tile serves both products
+            q = _load_rows(q_ptr, rows, num_rows, dim, 0, BLOCK_D)
         scale = tl.load(scale_ptr).to(COMPUTE)
         coef = tl.load(grad_ptr).to(COMPUTE) / (2 * num_rows)
         lse_q = tl.load(lse_q_ptr + rows, mask=rows < num_rows, other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), COMPUTE)
+        acc = tl.zeros((BLOCK_M, BLOCK_OUT), COMPUTE)
         dscale = tl.zeros((BLOCK_M,), COMPUTE)
         for start in range(0, num_rows, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr, cols, num_rows, dim, BLOCK_K)
+            if RESIDENT:
+                k = _load_rows(k_ptr, cols, num_rows, dim, 0, BLOCK_D)
+                raw = _dot(q, tl.trans(k), PRECISION, EMULATE).to(COMPUTE)
+            else:  # the logits over all of D, then this slice of k
+                raw = _chunked_logits(q_ptr, k_ptr, rows, cols, num_rows, dim, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, EMULATE, COMPUTE)
+                k = _load_rows(k_ptr, cols, num_rows, dim, first_out, BLOCK_OUT)
             lse_k = tl.load(lse_k_ptr + cols, mask=cols < num_rows, other=0.0)
-            raw = _dot(q, tl.trans(k), PRECISION, EMULATE).to(COMPUTE)
             logits = raw * scale
             g = tl.exp(logits - lse_q[:, None]) + tl.exp(logits - lse_k[None, :]) - 2.0 * (rows[:, None] == cols[None, :]).to(COMPUTE)
             g = tl.where((rows[:, None] < num_rows) & (cols[None, :] < num_rows), g * coef, 0.0)
@@ -534,35 +555,48 @@ if HAS_TRITON:
                 acc += _dot((g - g_hi.to(COMPUTE)).to(k.dtype), k, PRECISION, EMULATE)
             if WRITE_DSCALE:
                 dscale += tl.sum(g * raw, axis=1)
-        feats = tl.arange(0, BLOCK_K)
+        feats = first_out + tl.arange(0, BLOCK_OUT)
         tl.store(dq_ptr + rows[:, None].to(tl.int64) * dim + feats[None, :], (acc * scale).to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < num_rows) & (feats[None, :] < dim))
-        if WRITE_DSCALE:
-            tl.store(dscale_ptr + rows, dscale, mask=rows < num_rows)
+        if WRITE_DSCALE:  # every slice computes it; the first writes it
+            tl.store(dscale_ptr + rows, dscale, mask=(rows < num_rows) & (tl.program_id(1) == 0))
 
 # %% ../nbs/04_kernels.ipynb #05136f0f
 _CLIP_INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=64)
+_CLIP_MAX_DIM = 1024      # widest D on the Triton path
+_CLIP_RESIDENT_DIM = 256  # up to this D a row tile stays whole in registers
+_CLIP_CHUNK, _CLIP_SLICE = 64, 256  # wider D: features per tl.dot (BLOCK_D) and gradient features per program (BLOCK_OUT)
 
-def _clip_options(dtype, dim):
+def _clip_feature_tiles(dim):
+    "BLOCK_D, BLOCK_OUT and RESIDENT for feature dimension `dim`."
+    if dim <= _CLIP_RESIDENT_DIM:
+        width = max(16, triton.next_power_of_2(dim))
+        return dict(BLOCK_D=width, BLOCK_OUT=width, RESIDENT=True)
+    return dict(BLOCK_D=_CLIP_CHUNK, BLOCK_OUT=_CLIP_SLICE, RESIDENT=False)
+
+def _clip_options(dtype):
     options = _kernel_options(dtype)
-    return dict(BLOCK_K=max(16, triton.next_power_of_2(dim)), PRECISION=options["PRECISION"], EMULATE=options["EMULATE"], COMPUTE=options["COMPUTE"])
+    return dict(PRECISION=options["PRECISION"], EMULATE=options["EMULATE"], COMPUTE=options["COMPUTE"])
 
-def _clip_launch(kernel, num_rows, *args, **constexprs):
-    if _interpreting(): kernel.fn[(triton.cdiv(num_rows, 64),)](*args, **constexprs, **_CLIP_INTERPRETER_TILES)
-    else: kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]),)](*args, **constexprs)
+def _clip_launch(kernel, num_rows, slices, *args, **constexprs):
+    if _interpreting(): kernel.fn[(triton.cdiv(num_rows, 64), slices)](*args, **constexprs, **_CLIP_INTERPRETER_TILES)
+    else: kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), slices)](*args, **constexprs)
 
 def _clip_lse(q, k, scale, write_diag):
     num_rows, dim = q.shape
     lse = torch.empty(num_rows, device=q.device, dtype=scale.dtype)
     diag = torch.empty(num_rows if write_diag else 1, device=q.device, dtype=scale.dtype)
-    _clip_launch(_clip_lse_kernel, num_rows, q, k, scale, lse, diag, num_rows, dim, WRITE_DIAG=write_diag, **_clip_options(q.dtype, dim))
+    tiles = _clip_feature_tiles(dim)
+    _clip_launch(_clip_lse_kernel, num_rows, 1, q, k, scale, lse, diag, num_rows, dim, WRITE_DIAG=write_diag,
+                 BLOCK_D=tiles["BLOCK_D"], RESIDENT=tiles["RESIDENT"], **_clip_options(q.dtype))
     return lse, diag
 
 def _clip_grad(q, k, lse_q, lse_k, scale, grad, write_dscale):
     num_rows, dim = q.shape
     dq = torch.empty_like(q)
     dscale = torch.empty(num_rows if write_dscale else 1, device=q.device, dtype=scale.dtype)
-    _clip_launch(_clip_grad_kernel, num_rows, q, k, lse_q, lse_k, scale, grad, dq, dscale, num_rows, dim,
-                 SPLIT=q.dtype in (torch.float16, torch.bfloat16), WRITE_DSCALE=write_dscale, **_clip_options(q.dtype, dim))
+    tiles = _clip_feature_tiles(dim)
+    _clip_launch(_clip_grad_kernel, num_rows, triton.cdiv(dim, tiles["BLOCK_OUT"]), q, k, lse_q, lse_k, scale, grad, dq, dscale, num_rows, dim,
+                 SPLIT=q.dtype in (torch.float16, torch.bfloat16), WRITE_DSCALE=write_dscale, **tiles, **_clip_options(q.dtype))
     return dq, dscale
 
 class _ClipLoss(torch.autograd.Function):
@@ -586,13 +620,14 @@ class _ClipLoss(torch.autograd.Function):
 def clip_loss(a:torch.Tensor,       # [N, D] embeddings of one modality
               b:torch.Tensor,       # [N, D] embeddings of the other; row i matches a's row i
               logit_scale,          # s = 1/τ: a number or a 1-element tensor (differentiable)
-              backend:str="auto",   # 'auto' (Triton on CUDA, D <= 256), 'triton' or 'reference'
+              backend:str="auto",   # 'auto' (Triton on CUDA, D <= 1024), 'triton' or 'reference'
              )->torch.Tensor:       # 0-d loss, float32 (float64 for float64 input)
     "Symmetric InfoNCE (CLIP) loss with an online log-sum-exp; the N×N logits are never stored."
     scale = _check_clip(a, b, logit_scale)
     if b.dtype != a.dtype: raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.shape[1] > 256 and backend == "triton": raise ValueError(f"backend='triton' supports D <= 256, got a with D = {a.shape[1]}")
-    if not _use_triton(backend, a, a.dtype != torch.float64 and a.shape[1] <= 256): return clip_loss_reference(a, b, scale)
+    wide = a.shape[1] > _CLIP_MAX_DIM
+    if wide and backend == "triton": raise ValueError(f"backend='triton' supports D <= {_CLIP_MAX_DIM}, got a with D = {a.shape[1]}")
+    if not _use_triton(backend, a, a.dtype != torch.float64 and not wide): return clip_loss_reference(a, b, scale)
     return _ClipLoss.apply(a.contiguous(), b.contiguous(), scale)
 
 # %% ../nbs/04_kernels.ipynb #8c1ce53f
@@ -622,12 +657,14 @@ def clip_errors(dtype:str="float32", # embedding dtype name
 def gradcheck_kernels(device:str="cpu", # 'cpu' needs TRITON_INTERPRET=1 (see `interpreted`)
                       fast:bool=False,  # gradcheck's fast_mode (one random projection)
                      )->dict:           # {function name: gradcheck passed}
-    "torch.autograd.gradcheck of the Triton block rotation, rotation matrices and CLIP loss, in float64."
+    "torch.autograd.gradcheck of the Triton block rotation, rotation matrices and CLIP loss (narrow and chunked D), in float64."
     generator = torch.Generator().manual_seed(0)
     leaf = lambda *shape, scale=1.0: (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device).requires_grad_()
     x, vec, gate = leaf(1, 16), leaf(2, 28, scale=0.7), torch.rand(2, generator=generator, dtype=torch.float64).to(device).requires_grad_()
     a, b, scale = leaf(6, 5), leaf(6, 5), torch.tensor(2.5, dtype=torch.float64, device=device, requires_grad=True)
-    check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    wide_a, wide_b = leaf(3, 300, scale=0.1), leaf(3, 300, scale=0.1)  # D > 256: five feature chunks, two gradient slices
+    check = lambda fn, inputs, fast=fast: torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    clip = lambda *t: clip_loss(*t, backend="triton")
     return {"block_rotation": check(lambda *t: block_rotation(*t, backend="triton"), (x, vec, gate)),
             "rotation_matrices": check(lambda v: rotation_matrices(v, backend="triton"), (vec[:1].detach().requires_grad_(),)),
-            "clip_loss": check(lambda *t: clip_loss(*t, backend="triton"), (a, b, scale))}
+            "clip_loss": check(clip, (a, b, scale)), "clip_loss_wide": check(clip, (wide_a, wide_b, scale), fast=True)}

@@ -15,7 +15,7 @@ from .runner import check_executor, resolve_device, run_jobs
 from .stats import markdown_table
 from .experiments import METHODS, PRESETS, get_preset, load_records, pilot_runs, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
-from .sharing import sharing_jobs
+from .sharing import SHARING_METHODS, sharing_jobs
 
 # %% ../nbs/18_reports.ipynb #fd5b32c5
 def write_results(output_dir,                # directory of the report
@@ -176,9 +176,11 @@ def prepare_records(names,                 # report names (keys of REPORTS)
     if "P0_pilot" in names:
         found["pilot"] = pilot_runs(preset, results_dir, parameters.get("rates"), device=device, workers=workers, executor=executor,
                                     log=log, train=train)
+    methods = parameters.get("methods") or preset.methods
+    if "H4_sharing" in names and train:   # H4's base runs (B1, B2 too) train together with the others, not one by one in its analyses
+        run_many(list(dict.fromkeys([*methods, *SHARING_METHODS])), seeds, preset, results_dir, device, workers, executor, log)
     if set(names) & {"H1_compositional", "H3_training_time", "H4_sharing"}:
-        found["training"] = run_many(parameters.get("methods") or preset.methods, seeds, preset, results_dir, device, workers,
-                                     executor, log, train)
+        found["training"] = run_many(methods, seeds, preset, results_dir, device, workers, executor, log, train)
     if "H2_few_shot" in names:
         settings = get_fewshot_preset(preset.name)
         if train: run_many(settings.base_methods, seeds, preset, results_dir, device, workers, executor, log)

@@ -102,9 +102,11 @@ def test_triton_paths_in_interpreter_gradients_subsets_and_large_angles():
 
 
 def test_clip_kernels_in_interpreter_shapes():
-    expression = ("{f'{d} {n}x{k}': clip_errors(d, n, k, seed=n) for d in ('float32', 'bfloat16', 'float64') "
-                  "for n, k in ((1, 3), (65, 17), (130, 64))}")
-    bounds = {"float32": 1e-5, "bfloat16": 8e-3, "float64": 1e-12}
+    # resident tiles (D <= 256), then the chunked path: 64-feature chunks and 256-feature gradient slices, the last of each
+    # partial at D = 300, exact at 512 and 1024 (four slices); N <= 64 keeps one row tile
+    expression = ("{f'{d} {n}x{k}': clip_errors(d, n, k, seed=n) for d in ('float32', 'bfloat16', 'float16', 'float64') "
+                  "for n, k in ((1, 3), (65, 17), (130, 64), (64, 300), (40, 512), (2, 257), (16, 1024))}")
+    bounds = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 1e-3, "float64": 1e-12}
     for key, errors in interpreted(expression).items():
         dtype = key.split()[0]
         assert errors["loss"] <= (1e-12 if dtype == "float64" else 1e-5) and errors["dscale"] <= (1e-12 if dtype == "float64" else 1e-5), (key, errors)
@@ -112,7 +114,44 @@ def test_clip_kernels_in_interpreter_shapes():
 
 
 def test_full_gradcheck_in_interpreter():
-    assert interpreted("gradcheck_kernels(fast=False)") == {"block_rotation": True, "rotation_matrices": True, "clip_loss": True}
+    assert interpreted("gradcheck_kernels(fast=False)") == {"block_rotation": True, "rotation_matrices": True, "clip_loss": True, "clip_loss_wide": True}
+
+
+def test_chunked_clip_gradcheck_several_projections():
+    # D > BLOCK_D = 64 on the chunked path (D = 300: five chunks, two gradient slices), N = 5 < BLOCK_M: gradcheck's fast mode
+    # with five different random projections; the full Jacobian (3,001 columns) would take minutes in the interpreter
+    results = run_script("""
+        import json, torch
+        from so8lab.kernels import clip_loss
+        g = torch.Generator().manual_seed(7)
+        a, b = (0.2 * torch.randn(5, 300, generator=g, dtype=torch.float64)).requires_grad_(), (0.2 * torch.randn(5, 300, generator=g, dtype=torch.float64)).requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        out = []
+        for seed in range(5):
+            torch.manual_seed(seed)
+            out.append(torch.autograd.gradcheck(lambda *t: clip_loss(*t, backend="triton"), (a, b, scale), fast_mode=True))
+        print(json.dumps(out))
+    """, TRITON_INTERPRET="1")
+    assert results == [True] * 5
+
+
+def test_chunked_and_resident_paths_agree():
+    # the same data through both paths: D = 256 stays resident; zero-padding it to 300 features takes the chunked path
+    results = run_script("""
+        import json, torch
+        from so8lab.kernels import clip_loss, max_relative_error
+        g = torch.Generator().manual_seed(1)
+        a, b = torch.randn(70, 256, generator=g, dtype=torch.float64), torch.randn(70, 256, generator=g, dtype=torch.float64)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 44))
+        out = {}
+        for name, (x, y) in (("resident", (a, b)), ("chunked", (pad(a), pad(b)))):
+            leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)]
+            loss = clip_loss(*leaves, backend="triton")
+            da, db, ds = torch.autograd.grad(loss, leaves)
+            out[name] = [loss, da[:, :256], db[:, :256], ds, torch.cat([da[:, 256:], db[:, 256:]])]
+        print(json.dumps([max_relative_error(c, r) for c, r in zip(out["chunked"][:4], out["resident"][:4])] + [float(out["chunked"][4].abs().max())]))
+    """, TRITON_INTERPRET="1")
+    assert max(results[:4]) < 1e-13 and results[4] == 0.0, results
 
 
 def test_module_imports_and_falls_back_without_triton():
@@ -136,4 +175,4 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="multiple of 8"): block_rotation(torch.zeros(1, 7), torch.zeros(1, 28))
     with pytest.raises(TypeError, match="a and b must have the same dtype"): clip_loss(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float64), 1.0)
     with pytest.raises(ValueError, match="a must be a non-empty"): clip_loss_reference(torch.zeros(0, 3), torch.zeros(0, 3), 1.0)
-    with pytest.raises(ValueError, match="supports D <= 256"): clip_loss(torch.zeros(2, 300), torch.zeros(2, 300), 1.0, backend="triton")
+    with pytest.raises(ValueError, match="supports D <= 1024"): clip_loss(torch.zeros(2, 1025), torch.zeros(2, 1025), 1.0, backend="triton")

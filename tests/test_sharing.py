@@ -4,6 +4,7 @@ References are written here independently of the module: debiased CKA from the u
 (2012) with explicit n×n matrices, principal angles from eigenvectors of group covariances (eigh, not the SVD the
 module uses), per-layer cell-token means sliced by hand from `return_hidden` states, and synthetic representations
 whose sharing is known (one shared subspace across groups versus independent random subspaces)."""
+import json
 import math
 import numpy as np
 import pytest
@@ -14,8 +15,12 @@ from so8lab.cka import unit_statistics
 from so8lab.models import GridModel, ModelConfig
 from so8lab.primitives import composition_ids
 from so8lab.cka import cka_matrix
-from so8lab.sharing import (CKA_PERMUTATIONS, REPRESENTATIONS, SHARING_CONTROLS, SHARING_METHODS, SHARING_SPLITS, Representations,
-                            collect_representations, group_cka_null, layer_group_cka, paired_tasks, sharing_jobs, sharing_metrics)
+from so8lab.sharing import (CKA_PERMUTATIONS, POSTHOC_SAMPLES, POSTHOC_STEPS, REPRESENTATIONS, SHARING_CONTROLS, SHARING_METHODS,
+                            SHARING_SPLITS, Representations, collect_representations, dashboard_from_record, dashboard_record,
+                            group_cka_null, layer_group_cka, paired_tasks, posthoc_sae, posthoc_target_l0, sae_summary, sharing_job,
+                            sharing_jobs, sharing_metrics)
+from so8lab.runner import run_jobs
+from so8lab.sae import plot_unit_dashboard, sae_loss_recovered, unit_dashboard
 from so8lab.sharing import _centred_grams, _mean_pairwise_cka, _null_orders
 from so8lab.tasks import sample_tasks, split_compositions
 
@@ -246,7 +251,22 @@ def test_dead_units_are_not_tested(shared):
     z = shared.z.clone(); z[:, 10:] = 0
     metrics = sharing_metrics(Representations(shared.h, z, shared.layers, shared.composition, shared.multi_hot, shared.inputs), k=4)
     assert (metrics["units"], metrics["alive_units"], metrics["unit_tests"]) == (20, 10, 60)
-    assert metrics["selective_fraction"] == metrics["selective_units"] / 20
+    assert metrics["selective_units"] >= 6 and metrics["selective_fraction"] == metrics["selective_units"] / 10   # ÷ the 10 alive units
+
+
+def test_alive_units_are_counted_over_the_whole_evaluation_set():
+    """A unit active on one sample of a skipped small group is alive (the denominator) but untested; all dead: NaN."""
+    data = make(1.0, small=(3,))
+    z = data.z.clone(); z[:, 8:] = 0
+    z[0, 9] = 0.5                  # alive on one sample of a used group: tested
+    z[-1, 12] = 0.5                # alive on one sample of the skipped group only
+    metrics = sharing_metrics(Representations(data.h, z, {}, data.composition, data.multi_hot, data.inputs), k=4)
+    alive = sum(bool((z[:, u] > 0).any()) for u in range(20))
+    assert alive == 10 and (metrics["alive_units"], metrics["unit_tests"], metrics["groups_skipped"]) == (10, 9 * 6, 1)
+    assert metrics["selective_fraction"] == metrics["selective_units"] / 10
+    silent = Representations(data.h, torch.zeros_like(z), {}, data.composition, data.multi_hot, data.inputs)
+    quiet = sharing_metrics(silent, k=4)
+    assert (quiet["alive_units"], quiet["unit_tests"], quiet["selective_units"]) == (0, 0, 0) and math.isnan(quiet["selective_fraction"])
 
 
 def test_probe_ignores_labels_constant_on_a_half():
@@ -477,3 +497,133 @@ def test_sharing_jobs_cover_the_controls(tmp_path):
     trained = {j.inputs[0].config["method"]: j.inputs[0].config["train"] for j in jobs}
     assert trained["B2"]["share_weight"] > 0 == trained["B2"]["primitive_weight"] == trained["B2"]["sae_weight"]
     assert trained["B1"]["share_weight"] == 0 < trained["B1"]["primitive_weight"]
+    cpu = sharing_jobs("cpu", tmp_path, seeds=[0])
+    assert {(j.config["posthoc_target_l0"], j.config["posthoc_samples"], j.config["posthoc_steps"]) for j in cpu} == {(16, POSTHOC_SAMPLES, POSTHOC_STEPS)}
+    assert {(j.config["posthoc_target_l0"], j.config["posthoc_samples"], j.config["posthoc_steps"]) for j in jobs} == {(8, 512, 100)}
+    longer = sharing_job("B0", 0, "cpu", tmp_path, "heldout", 32, posthoc_steps=POSTHOC_STEPS + 1)
+    assert longer.digest != cpu[2].digest and cpu[2].name == "B0-seed0-heldout"     # the post-hoc settings are part of the hash
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse units, like with like
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GridModel(ModelConfig(d_model=32, bottleneck_dim=16, layers=2, heads=2, sae_width=24, patch_size=2)).eval()
+
+
+def encode_by_hand(sae, h):
+    "z and ĥ of a SparseAutoencoder written out in numpy, float64."
+    weights = {name: p.detach().double().numpy() for name, p in sae.named_parameters()}
+    z = np.maximum((h - weights["decoder_bias"]) @ weights["encoder_weight"].T + weights["encoder_bias"], 0)
+    return z, z @ weights["decoder_weight"].T + weights["decoder_bias"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    model = tiny_model()
+    tasks = paired_tasks("heldout", 12, composition_ids(HELDOUT)[:6])
+    sae, fit = posthoc_sae(model, samples=400, steps=120, seed=1)
+    return model, tasks, collect_representations(model, tasks), sae, fit
+
+
+@pytest.mark.parametrize("width, target", [(1, 4), (24, 4), (64, 4), (79, 4), (80, 5), (128, 8), (256, 16), (512, 32)])
+def test_posthoc_target_l0(width, target):
+    assert posthoc_target_l0(width) == target
+
+
+def test_posthoc_sae_fits_training_tasks_deterministically(tiny_setup):
+    model, _, _, sae, fit = tiny_setup
+    tasks = sample_tasks(400, "train", 1, with_demo=True, stream="posthoc_sae")
+    assert set(tasks.composition.tolist()) <= set(composition_ids(split_compositions("train")).tolist())
+    with torch.no_grad(): h = model.forward_batch(tasks).h.double().numpy()
+    z, _ = encode_by_hand(sae, h)
+    assert fit["l0"] == pytest.approx((z > 0).sum(1).mean(), abs=1e-9)     # the L0 it reports, on its own training tasks
+    assert fit["target_l0"] == 4 and fit["matched"] == (abs(fit["l0"] - 4) <= 0.4) and 1 <= fit["rounds"] <= 8
+    assert set(fit) == {"l1", "l0", "rounds", "matched", "target_l0"} and tuple(sae.decoder_weight.shape) == (16, 24)
+    again, refit = posthoc_sae(model, samples=400, steps=120, seed=1)
+    assert refit == fit and all(torch.equal(a, b) for a, b in zip(sae.parameters(), again.parameters()))
+    other, _ = posthoc_sae(model, samples=400, steps=120, seed=2)
+    assert not torch.equal(other.encoder_weight, sae.encoder_weight)
+
+
+def test_sae_summary_against_references(tiny_setup):
+    model, tasks, representations, sae, _ = tiny_setup
+    summary = sae_summary(model, representations, tasks, sae, k=4)
+    h = representations.h.double().numpy()
+    z, h_hat = encode_by_hand(sae, h)
+    metrics, alive = summary["metrics"], int((z > 0).any(0).sum())
+    assert metrics["l0"] == pytest.approx((z > 0).sum(1).mean(), abs=1e-9)
+    assert metrics["explained_variance"] == pytest.approx(1 - ((h - h_hat) ** 2).sum() / ((h - h.mean(0)) ** 2).sum(), abs=1e-5)
+    assert metrics["alive_units"] == alive == summary["units"]["alive_units"] and metrics["dead_units"] == 24 - alive
+    assert summary["units"]["selective_fraction"] == summary["units"]["selective_units"] / alive
+    reference = sae_loss_recovered(model, tasks, sae)
+    kept = summary["loss_recovered"]
+    assert json.dumps(kept["recovered"]) == json.dumps(reference["recovered"]) and kept["note"] == reference["note"]
+    assert kept["ablated"] == {"exact_match": reference["ablated"]["exact_match"], "loss": reference["ablated"]["loss"]}
+    assert set(kept) == {"recovered", "note", "clean", "reconstructed", "ablated"}
+    own = sae_summary(model, representations, tasks, k=4, units=False)
+    z_own, _ = encode_by_hand(model.sae, h)
+    assert "units" not in own and own["metrics"]["alive_units"] == int((z_own > 0).any(0).sum())
+    assert own["metrics"]["l0"] == pytest.approx((z_own > 0).sum(1).mean(), abs=1e-9)
+
+
+def test_sae_summary_errors(tiny_setup):
+    model, tasks, representations, sae, _ = tiny_setup
+    with pytest.raises(TypeError, match="representations must be Representations"): sae_summary(model, representations.h, tasks)
+    with pytest.raises(ValueError, match="tasks must be the TaskBatch of the 72 representations, got 5 tasks"): sae_summary(model, representations, tasks[:5])
+    with pytest.raises(TypeError, match="sae must be a SparseAutoencoder"): sae_summary(model, representations, tasks, torch.nn.Identity())
+    with pytest.raises(TypeError, match="model must be a GridModel"): sae_summary(model.sae, representations, tasks)
+    with pytest.raises(ValueError, match=r"fdr must be a finite number in \(0, 1\)"): sae_summary(model, representations, tasks, sae, fdr=0)
+    with pytest.raises(TypeError, match="model must be a GridModel"): posthoc_sae(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="width must be"): posthoc_target_l0(0)
+
+
+def test_dashboard_round_trip(tiny_setup):
+    model, tasks, representations, sae, _ = tiny_setup
+    dashboard = unit_dashboard(sae.encode(representations.h), tasks, count=3, top=4)
+    restored = dashboard_from_record(json.loads(json.dumps(dashboard_record(dashboard))))
+    assert restored["primitives"] == dashboard["primitives"]
+    for key in ("auroc", "alive"): np.testing.assert_array_equal(restored[key], dashboard[key])
+    assert len(restored["units"]) == len(dashboard["units"])
+    for before, after in zip(dashboard["units"], restored["units"]):
+        assert set(after) == set(before)
+        for key, value in before.items():
+            if isinstance(value, np.ndarray):
+                assert isinstance(after[key], np.ndarray) and after[key].shape == value.shape
+                np.testing.assert_array_equal(after[key], value)
+            else: assert after[key] == value
+    assert len(plot_unit_dashboard(restored, units=2).axes) == 6
+    with pytest.raises(TypeError, match="record must be a dict from dashboard_record"): dashboard_from_record([])
+    with pytest.raises(TypeError, match="dashboard must be a dict from unit_dashboard"): dashboard_record({})
+
+
+def test_sharing_job_records_both_saes(tmp_path):
+    "A B0 job on the smoke preset: its own SAE is marked untrained, the heldout and val jobs fit the same post-hoc SAE."
+    jobs = [sharing_job("B0", 0, "smoke", tmp_path, split, 8, compositions=6, heatmap=split == "heldout", posthoc_samples=256,
+                        posthoc_steps=60) for split in SHARING_SPLITS]
+    heldout, val = run_jobs(jobs)
+    for record in (heldout, val):
+        assert set(record["sae"]) == {"posthoc", "own"} and record["sae"]["own"]["trained"] is False
+        assert set(record["sae"]["posthoc"]) == {"fit", "metrics", "units", "loss_recovered"} and "units" not in record["sae"]["own"]
+        assert record["sae"]["posthoc"]["fit"]["target_l0"] == 8 == record["posthoc_target_l0"]
+        units = record["sae"]["posthoc"]["units"]
+        assert units["alive_units"] == record["sae"]["posthoc"]["metrics"]["alive_units"]
+    assert heldout["sae"]["posthoc"]["fit"] == val["sae"]["posthoc"]["fit"]
+    assert "unit_dashboard" in heldout and "unit_dashboard" not in val
+    assert dashboard_from_record(heldout["unit_dashboard"])["auroc"].shape == (128, 6)
+
+
+
+def test_prepare_records_trains_every_sharing_method_first(tmp_path, monkeypatch):
+    "The H4 path of `so8lab.reports.prepare_records` trains all of SHARING_METHODS in one `run_many` (in parallel) before the analyses."
+    import so8lab.reports as reports
+    calls = []
+    monkeypatch.setattr(reports, "run_many", lambda methods, seeds, *args, **options: calls.append(("train", tuple(methods), list(seeds))) or [])
+    monkeypatch.setattr(reports, "run_jobs", lambda jobs, *args, **options: calls.append(("analyses", len(jobs))) or [])
+    reports.prepare_records(["H4_sharing"], "smoke", tmp_path, {"seeds": [0]}, workers=2, log=False)
+    assert calls == [("train", SHARING_METHODS, [0]), ("train", ("proposed", "B0"), [0]), ("analyses", 8)]   # the second reads them
+    calls.clear()
+    reports.prepare_records(["H4_sharing"], "smoke", tmp_path, {"seeds": [0]}, log=False, train=False)
+    assert calls == [("train", ("proposed", "B0"), [0]), ("analyses", 8)]      # committed records only: nothing is trained
