@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['SELECTION_MODES', 'MAX_UNMERGE_CONDITION', 'ROTATION_TOLERANCE', 'PEFT_KINDS', 'ADAPTER_KINDS', 'ROAD_VARIANTS',
-           'SO8Rotation', 'LightweightSO8Adapter', 'SO8VisualAdapter', 'LoRA', 'fold_rotation', 'unfold_rotation',
-           'AdaptedLinear', 'adapted_layers', 'attach_adapters', 'detach_adapters', 'adapter_parameters', 'freeze_base',
-           'merge_adapters', 'unmerge_adapters', 'PeftLinear', 'orthogonal_matrices', 'orthogonality_error']
+           'SO8Rotation', 'LightweightSO8Adapter', 'SO8VisualAdapter', 'PerceiverResampler', 'MultimodalSO8T',
+           'build_model', 'LoRA', 'fold_rotation', 'unfold_rotation', 'AdaptedLinear', 'adapted_layers',
+           'attach_adapters', 'detach_adapters', 'adapter_parameters', 'freeze_base', 'merge_adapters',
+           'unmerge_adapters', 'PeftLinear', 'orthogonal_matrices', 'orthogonality_error']
 
 # %% ../nbs/07_adapters.ipynb #ade0c3e6
 import inspect
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from .models import Attention, GridModel, ModelConfig, SO8T_FUSIONS
 from .kernels import block_rotation, rotation_matrices
 from .provenance import check_choice, check_integer, check_number
 from .rotations import is_orthogonal
@@ -127,6 +129,61 @@ class SO8VisualAdapter(nn.Module):
 
     def forward(self, x:torch.Tensor)->torch.Tensor:  # [..., in_dim] -> [..., d]
         return self.norm(self.rotation(self.projection(self.features(x))))
+
+# %% ../nbs/07_adapters.ipynb #a1f5e002
+class PerceiverResampler(nn.Module):
+    "Flamingo's Perceiver resampler: `latents` learned tokens attend to [context; latents], then an MLP, per layer."
+    def __init__(self, d_model:int,        # token width
+                 heads:int,                # attention heads (divides d_model)
+                 latents:int=8,            # R, output tokens
+                 layers:int=1,             # resampler blocks
+                 mlp_ratio:float=2.0,      # MLP hidden width / d_model
+                ):
+        super().__init__()
+        check_integer(latents, "latents", low=1); check_integer(layers, "layers", low=1)
+        hidden = round(d_model * mlp_ratio)
+        self.latents = nn.Parameter(torch.randn(latents, d_model) / math.sqrt(d_model))
+        self.context_norms = nn.ModuleList([nn.LayerNorm(d_model) for _ in range(layers)])
+        self.latent_norms = nn.ModuleList([nn.LayerNorm(d_model) for _ in range(layers)])
+        self.attentions = nn.ModuleList([Attention(d_model, heads, cross=True) for _ in range(layers)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+                                   for _ in range(layers)])
+
+    def forward(self, context:torch.Tensor,          # [B, S, d] tokens to read
+                mask:torch.Tensor|None=None,         # [B, S] bool, True = may be read
+               )->torch.Tensor:                      # [B, R, d]
+        x = self.latents.expand(context.shape[0], -1, -1)
+        for context_norm, latent_norm, attention, mlp in zip(self.context_norms, self.latent_norms, self.attentions, self.mlps):
+            keys = torch.cat([context_norm(context), latent_norm(x)], 1)
+            keep = None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], x.shape[1])], 1)
+            x = x + attention(latent_norm(x), keys, keep)[0]
+            x = x + mlp(x)
+        return x
+
+class MultimodalSO8T(GridModel):
+    "A `GridModel` whose context stream passes through an `SO8VisualAdapter` (and a Perceiver resampler) before gated cross-attention."
+    def __init__(self, config:ModelConfig, # fusion 'so8t' or 'so8t_resampler'; d_model a multiple of 8
+                 latents:int=8,            # resampler output tokens (fusion 'so8t_resampler')
+                ):
+        if not isinstance(config, ModelConfig): raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        check_choice(config.fusion, "config.fusion", SO8T_FUSIONS)
+        if config.conditioning == "none": raise ValueError("config.conditioning must be 'program' or 'demo': MultimodalSO8T fuses a context stream")
+        _check_width(config.d_model, "config.d_model")
+        super().__init__(config)
+        self.context_adapter = SO8VisualAdapter(config.d_model, config.d_model)
+        self.resampler = (PerceiverResampler(config.d_model, config.heads, latents, mlp_ratio=config.mlp_ratio)
+                          if config.fusion == "so8t_resampler" else None)
+
+    def encode_context(self, tokens=None, demo_inputs=None, demo_outputs=None)->tuple:
+        "The `GridModel` context tokens, SO(8)-adapted, then resampled to the latents (whose mask is None)."
+        x, mask = super().encode_context(tokens, demo_inputs, demo_outputs)
+        x = self.context_adapter(x)
+        return (x, mask) if self.resampler is None else (self.resampler(x, mask), None)
+
+def build_model(config:ModelConfig)->GridModel:
+    "The model of `config`: a `MultimodalSO8T` for the so8t fusions, else a `GridModel`."
+    if not isinstance(config, ModelConfig): raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    return MultimodalSO8T(config) if config.fusion in SO8T_FUSIONS else GridModel(config)
 
 # %% ../nbs/07_adapters.ipynb #4c45e95b
 class _Mergeable(nn.Module):

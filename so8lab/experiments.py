@@ -18,6 +18,7 @@ from .provenance import CorruptFile, atomic_path, check_integer, check_number, c
 from .primitives import composition_from_id, program_lengths
 from .tasks import EVAL_SPLITS, GroupedBatchSampler, PoolSampler, TaskBatch, load_task_set, sample_tasks
 from .models import GridModel, ModelConfig, count_parameters
+from .adapters import build_model
 from .training import (MODEL_CALIBRATIONS, RunGroup, Trainer, TrainConfig, calibration_table, evaluate, evaluate_predictions,
                              load_checkpoint, stepwise_predictions)
 from .runner import Job, resolve_device, run_job, run_jobs
@@ -110,6 +111,10 @@ METHODS = {
     **{f"B6-k{k}": Method(f"proposed with share subspace k={k}", train={**_PROPOSED, "share_k": k}) for k in (8, 16, 32)},
     "B7": Method("proposed with today's absolute program positions (ablation of the step encoding)",
                  model=dict(program_encoding="absolute"), train=_PROPOSED),
+    "demo": Method("B0 told the task by one demonstration pair instead of the program (concatenated tokens)",
+                   model=dict(conditioning="demo"), train=_STANDARD),
+    "demo-so8t": Method("demo with the MultimodalSO8T fusion: SO(8) visual adapter on the demonstration, gated cross-attention",
+                        model=dict(conditioning="demo", fusion="so8t"), train=_STANDARD),
     "executor": Method("reference: B0 trained on single primitives, applied one program step at a time",
                        train=_STANDARD, lengths=(1,), stepwise=True),
 }
@@ -186,18 +191,18 @@ def _keep_model(job:Job):
 
 def _sampler(config:dict, device:torch.device):
     "The training batches of a run: a fixed pool (`train_size`) or fresh generated batches (`train_size` None)."
-    data, seed = config["data"], config["seed"]
+    data, seed, demo = config["data"], config["seed"], config["model"].get("conditioning") == "demo"
     lengths = tuple(data["lengths"]) if data.get("lengths") else None
     if data["train_size"] is None:
-        return GroupedBatchSampler("train", seed, data["groups"], data["group_size"], device=device, lengths=lengths)
-    pool = sample_tasks(data["train_size"], "train", seed=seed, device=device, lengths=lengths)
+        return GroupedBatchSampler("train", seed, data["groups"], data["group_size"], device=device, with_demo=demo, lengths=lengths)
+    pool = sample_tasks(data["train_size"], "train", seed=seed, device=device, with_demo=demo, lengths=lengths)
     return PoolSampler(pool, seed=seed, groups=data["groups"], group_size=data["group_size"])
 
 def _training(job:Job, device:torch.device)->tuple:
     "The model, trainer and evaluation sets of a training job, resumed from its own interrupted run when there is one."
     config = job.config
     torch.manual_seed(config["seed"])
-    model = GridModel(ModelConfig(**config["model"])).to(device)
+    model = build_model(ModelConfig(**config["model"])).to(device)
     sets = _evaluation_sets(config["data"]["val_size"], config["data"]["test_size"], device)
     validation = sets["val"]
     if config["data"].get("lengths"):   # a method trained on some lengths selects its checkpoint on those lengths
@@ -305,7 +310,7 @@ def load_trained(job:Job, device=None, tolerance:float=1e-4)->GridModel:
             raise RuntimeError(f"retraining {job.name} gave val IoU {found:.6f} at step {retrained['best_step']}, the record says "
                                f"{expected:.6f} at step {record['best_step']} (different device or code?); {path} was not used")
         checkpoint = load_checkpoint(path, device)
-    model = GridModel(ModelConfig(**{"program_encoding": "absolute", **record["model"]})).to(device)   # older records: absolute positions
+    model = build_model(ModelConfig(**{"program_encoding": "absolute", **record["model"]})).to(device)   # older records: absolute positions
     model.load_state_dict(checkpoint["model"])
     return model.eval()
 

@@ -16,6 +16,7 @@ from .stats import markdown_table
 from .experiments import METHODS, PRESETS, get_preset, load_records, pilot_runs, run_many
 from .fewshot import fewshot_records, get_fewshot_preset
 from .sharing import SHARING_METHODS, sharing_jobs
+from .induction import DEMO_METHODS, retrieval_jobs
 
 # %% ../nbs/18_reports.ipynb #fd5b32c5
 def write_results(output_dir,                # directory of the report
@@ -49,7 +50,8 @@ REPORTS = {"00_data": "nbs/experiments/00_data.ipynb",
            "H1_compositional": "nbs/experiments/H1_compositional.ipynb",
            "H2_few_shot": "nbs/experiments/H2_few_shot.ipynb",
            "H3_training_time": "nbs/experiments/H3_training_time.ipynb",
-           "H4_sharing": "nbs/experiments/H4_sharing.ipynb"}
+           "H4_sharing": "nbs/experiments/H4_sharing.ipynb",
+           "H5_retrieval": "nbs/experiments/H5_retrieval.ipynb"}
 RUNNER_PARAMETERS = ("preset", "output_dir")   # set by `run_report`, never by its `parameters`
 PILOT_REPORTS = ("P0_pilot",)                   # the reports of a pilot preset (one with a learning-rate sweep)
 
@@ -168,17 +170,18 @@ def prepare_records(names,                 # report names (keys of REPORTS)
                     device=None,           # see `so8lab.runner.resolve_device`
                     log:bool=True,         # one line per finished job
                     train:bool=True,       # False: read committed records only; a missing one is an error naming it
-                   )->dict:                # {'training', 'fewshot', 'sharing', 'pilot'}: records (may be empty)
+                   )->dict:                # {'training', 'fewshot', 'sharing', 'retrieval', 'pilot'}: records (may be empty)
     "Compute the records the reports `names` read, before they render."
     preset, parameters = get_preset(preset), parameters or {}
     seeds = parameters.get("seeds") or preset.seeds
-    found = {"training": [], "fewshot": [], "sharing": [], "pilot": {}}
+    found = {"training": [], "fewshot": [], "sharing": [], "retrieval": [], "pilot": {}}
     if "P0_pilot" in names:
         found["pilot"] = pilot_runs(preset, results_dir, parameters.get("rates"), device=device, workers=workers, executor=executor,
                                     log=log, train=train)
     methods = parameters.get("methods") or preset.methods
-    if "H4_sharing" in names and train:   # H4's base runs (B1, B2 too) train together with the others, not one by one in its analyses
-        run_many(list(dict.fromkeys([*methods, *SHARING_METHODS])), seeds, preset, results_dir, device, workers, executor, log)
+    upfront = [*(SHARING_METHODS if "H4_sharing" in names else ()), *(DEMO_METHODS if "H5_retrieval" in names else ())]
+    if upfront and train:   # H4's base runs (B1, B2 too) and H5's demonstration models train together with the others
+        run_many(list(dict.fromkeys([*methods, *upfront])), seeds, preset, results_dir, device, workers, executor, log)
     if set(names) & {"H1_compositional", "H3_training_time", "H4_sharing"}:
         found["training"] = run_many(methods, seeds, preset, results_dir, device, workers, executor, log, train)
     if "H2_few_shot" in names:
@@ -189,6 +192,11 @@ def prepare_records(names,                 # report names (keys of REPORTS)
     if "H4_sharing" in names:
         jobs = sharing_jobs(preset, results_dir, seeds, parameters.get("inputs_per_group"), parameters.get("compositions"))
         found["sharing"] = run_jobs(jobs, executor, workers, device, log=log, label=f"{preset.name} sharing analyses", compute=train)
+    if "H5_retrieval" in names:   # demonstration models, then the calibrations every other H5 job reads, then neighbours and dual encoders
+        found["training"] += run_many(DEMO_METHODS, seeds, preset, results_dir, device, workers, executor, log, train)
+        calibrations, models = retrieval_jobs(preset, results_dir, seeds)
+        found["retrieval"] = [*run_jobs(calibrations, executor, workers, device, log=log, label=f"{preset.name} H5 calibrations", compute=train),
+                              *run_jobs(models, executor, workers, device, log=log, label=f"{preset.name} H5 retrieval", compute=train)]
     return found
 
 # %% ../nbs/18_reports.ipynb #59c391ba

@@ -15,10 +15,11 @@ from scipy.special import gammaln
 from .primitives import (DEFAULT_COLORS, GRID_SIZE, MAX_COLORS, MAX_PROGRAM_LENGTH, MAX_SHIFT, PRIMITIVES,
                                PRIMITIVE_INDEX, TOKENS_PER_STEP, VOCABULARY, apply_encoded, tokenize)
 from .provenance import check_choice, check_integer, check_number
-from .tasks import SPLITS, TaskBatch, random_bits, sample_parameters, sample_tasks, split_compositions, stream_key
+from .tasks import SPLITS, GroupedBatchSampler, TaskBatch, random_bits, sample_parameters, sample_tasks, split_compositions, stream_key
 from .models import PROGRAM_TOKENS, GridEmbedding, TransformerBlock, step_code, _check_grid_argument, _check_tokens
 from .adapters import SO8VisualAdapter
 from .kernels import clip_loss
+from .losses import share_loss
 
 # %% auto #0
 __all__ = ['DualEncoderConfig', 'distinct_programs', 'DualEncoder', 'retrieval_batch', 'train_dual_encoder', 'ProgramSet',
@@ -96,16 +97,27 @@ class DualEncoder(nn.Module):
         role = self.token_role.repeat(MAX_PROGRAM_LENGTH, 1)                                  # token 3s + r -> role r
         return (role + self.step_code.repeat_interleave(TOKENS_PER_STEP, 0))[:length]         # ... + code of step s
 
-    def encode_pairs(self,
-                     inputs:torch.Tensor,   # [B, 8, 8] input grids
-                     outputs:torch.Tensor,  # [B, 8, 8] output grids
-                    )->torch.Tensor:        # [B, embed_dim] unit-norm pair embeddings
-        "Embed (input, output) grid pairs: shared patch embedding + segment, Transformer blocks, mean pool, projection."
+    def pair_features(self,
+                      inputs:torch.Tensor,   # [B, 8, 8] input grids
+                      outputs:torch.Tensor,  # [B, 8, 8] output grids
+                     )->torch.Tensor:        # [B, d_model] pooled pair features (what the share objective reads)
+        "Pool (input, output) grid pairs: shared patch embedding + segment, Transformer blocks, LayerNorm, mean over tokens."
         _check_grid_argument(inputs, "inputs", self.config.num_colors)
         _check_grid_argument(outputs, "outputs", self.config.num_colors, inputs.shape[0])
         x = torch.cat([self.grid_embedding(inputs) + self.segment[0], self.grid_embedding(outputs) + self.segment[1]], 1)
         for block in self.pair_blocks: x = block(x)[0]
-        return F.normalize(self.pair_projection(self.pair_norm(x).mean(1)), dim=-1)
+        return self.pair_norm(x).mean(1)
+
+    def embed_pairs(self, features:torch.Tensor)->torch.Tensor:  # [B, d_model] -> [B, embed_dim] unit norm
+        "Project pooled pair features into the shared space."
+        return F.normalize(self.pair_projection(features), dim=-1)
+
+    def encode_pairs(self,
+                     inputs:torch.Tensor,   # [B, 8, 8] input grids
+                     outputs:torch.Tensor,  # [B, 8, 8] output grids
+                    )->torch.Tensor:        # [B, embed_dim] unit-norm pair embeddings
+        "Embed (input, output) grid pairs: `pair_features`, then the projection."
+        return self.embed_pairs(self.pair_features(inputs, outputs))
 
     def encode_programs(self,
                         tokens:torch.Tensor,  # [B, L] program tokens, 1 <= L <= 9, 0 = padding
@@ -149,35 +161,57 @@ def _optimizer(model:nn.Module, learning_rate:float, weight_decay:float)->torch.
     return torch.optim.AdamW([dict(params=groups[0], weight_decay=weight_decay), dict(params=groups[1], weight_decay=0.0)],
                              lr=learning_rate)
 
+def _batches(batch_size:int, split:str, seed:int, groups:int|None, device):
+    "batch(step): distinct-program batches, drawn at random (`groups` None) or as `groups` compositions × batch_size/groups."
+    if groups is None: return lambda step: retrieval_batch(batch_size, split, seed, step, device)
+    sampler = GroupedBatchSampler(split, seed, check_integer(groups, "groups", low=2), batch_size // groups, device=device)
+    def batch(step:int)->TaskBatch:
+        drawn = sampler[step]
+        return drawn[distinct_programs(drawn.tokens)]
+    return batch
+
 def train_dual_encoder(config:DualEncoderConfig=DualEncoderConfig(),
                        steps:int=300,              # optimizer steps
-                       batch_size:int=64,          # distinct-program samples per step (N of the InfoNCE)
+                       batch_size:int=64,          # distinct-program samples per step (N of the InfoNCE; grouped: at most)
                        learning_rate:float=1e-3,   # AdamW learning rate
                        seed:int=0,                 # seeds the initialisation and the data stream
                        split:str="train",          # compositions to train on (keep 'train' for zero-shot studies)
                        device="cpu",
                        log_every:int=25,           # steps per history row (rows average the steps since the last)
                        weight_decay:float=0.01,    # AdamW decay of the weight matrices
+                       groups:int|None=None,       # None: random distinct programs; k: k compositions × batch_size/k samples
+                       share_weight:float=0.0,     # weight of the share loss on the pooled pair features (needs groups)
+                       share_k:int=4,              # subspace dimension of the share loss
                       )->tuple:                    # (DualEncoder, history: list of dicts)
-    "Train a `DualEncoder` with the symmetric InfoNCE on distinct-program batches; the same seed gives the same model."
+    "Train a `DualEncoder` with the symmetric InfoNCE (+ share loss) on distinct-program batches; the same seed gives the same model."
     steps, log_every = check_integer(steps, "steps", low=1), check_integer(log_every, "log_every", low=1)
     check_number(learning_rate, "learning_rate", low=0, low_open=True); check_number(weight_decay, "weight_decay", low=0)
     check_integer(seed, "seed", low=0); check_choice(split, "split", SPLITS); check_integer(batch_size, "batch_size", low=2)
+    check_number(share_weight, "share_weight", low=0); check_integer(share_k, "share_k", low=1)
+    if share_weight and groups is None: raise ValueError("share_weight > 0 needs groups: the share loss compares composition groups")
+    if groups is not None and batch_size < 2 * check_integer(groups, "groups", low=2):
+        raise ValueError(f"batch_size must be at least 2 × groups = {2 * groups}, got {batch_size}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DualEncoder(config)
     model.to(device)
+    batches = _batches(batch_size, split, seed, groups, device)
     optimizer, history, totals, last = _optimizer(model, learning_rate, weight_decay), [], 0, 0
     for step in range(steps):
-        pairs, programs = model(retrieval_batch(batch_size, split, seed, step, device))
-        loss = clip_loss(pairs, programs, model.scale)
+        batch = batches(step)
+        keep = distinct_programs(batch.tokens)   # already distinct: a no-op kept for clarity of the contract
+        features = model.pair_features(batch.inputs[keep], batch.outputs[keep])
+        pairs, programs = model.embed_pairs(features), model.encode_programs(batch.tokens[keep])
+        loss = contrastive = clip_loss(pairs, programs, model.scale)
+        share = share_loss(features, batch.composition[keep], share_k)[0] if share_weight else loss.new_zeros(())
+        if share_weight: loss = loss + share_weight * share
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         with torch.no_grad():
             hits = ((pairs @ programs.T).argmax(1) == torch.arange(len(pairs), device=pairs.device)).double().mean()
-            totals = totals + torch.stack([loss.detach().double(), hits, hits.new_tensor(1 / len(pairs))])
+            totals = totals + torch.stack([contrastive.detach().double(), share.detach().double(), hits, hits.new_tensor(1 / len(pairs))])
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            loss_mean, top1, chance = (totals / (step + 1 - last)).tolist()
-            history.append(dict(step=step + 1, loss=loss_mean, top1=top1, chance=chance, scale=model.scale.item()))
+            loss_mean, share_mean, top1, chance = (totals / (step + 1 - last)).tolist()
+            history.append(dict(step=step + 1, loss=loss_mean, share=share_mean, top1=top1, chance=chance, scale=model.scale.item()))
             totals, last = 0, step + 1
     return model, history
 
