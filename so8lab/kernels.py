@@ -574,8 +574,10 @@ def _clip_feature_tiles(dim):
     return dict(BLOCK_D=_CLIP_CHUNK, BLOCK_OUT=_CLIP_SLICE, RESIDENT=False)
 
 def _clip_options(dtype):
+    "Constexprs of the InfoNCE kernels; float32 follows torch's float32 matmul precision: 'highest' tf32x3, 'high'/'medium' tf32 (as cuBLAS)."
     options = _kernel_options(dtype)
-    return dict(PRECISION=options["PRECISION"], EMULATE=options["EMULATE"], COMPUTE=options["COMPUTE"])
+    relaxed = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return dict(PRECISION="tf32" if relaxed else options["PRECISION"], EMULATE=options["EMULATE"], COMPUTE=options["COMPUTE"])
 
 def _clip_launch(kernel, num_rows, slices, *args, **constexprs):
     if _interpreting(): kernel.fn[(triton.cdiv(num_rows, 64), slices)](*args, **constexprs, **_CLIP_INTERPRETER_TILES)
