@@ -493,9 +493,9 @@ if HAS_TRITON:
             raw += _dot(q, tl.trans(_load_rows(k_ptr, cols, num_rows, dim, first, BLOCK_D)), PRECISION, EMULATE).to(COMPUTE)
         return raw
 
-    @triton.autotune(configs=_clip_configs(), key=["num_rows", "dim"], do_bench=_tuning_timer)
-    @triton.jit(do_not_specialize=["num_rows"])
-    def _clip_lse_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, diag_ptr, num_rows, dim,
+    @triton.autotune(configs=_clip_configs(), key=["rows_bucket", "dim"], do_bench=_tuning_timer)
+    @triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
+    def _clip_lse_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, diag_ptr, num_rows, dim, rows_bucket,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
                          EMULATE: tl.constexpr, COMPUTE: tl.constexpr, WRITE_DIAG: tl.constexpr):
         "Row log-sum-exp of s q kᵀ by an online reduction over k tiles; optionally the diagonal logits."
@@ -522,9 +522,9 @@ if HAS_TRITON:
         if WRITE_DIAG:
             tl.store(diag_ptr + rows, diag, mask=rows < num_rows)
 
-    @triton.autotune(configs=_clip_configs(), key=["num_rows", "dim"], do_bench=_tuning_timer)
-    @triton.jit(do_not_specialize=["num_rows"])
-    def _clip_grad_kernel(q_ptr, k_ptr, lse_q_ptr, lse_k_ptr, scale_ptr, grad_ptr, dq_ptr, dscale_ptr, num_rows, dim,
+    @triton.autotune(configs=_clip_configs(), key=["rows_bucket", "dim"], do_bench=_tuning_timer)
+    @triton.jit(do_not_specialize=["num_rows", "rows_bucket"])
+    def _clip_grad_kernel(q_ptr, k_ptr, lse_q_ptr, lse_k_ptr, scale_ptr, grad_ptr, dq_ptr, dscale_ptr, num_rows, dim, rows_bucket,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_OUT: tl.constexpr, RESIDENT: tl.constexpr,
                           SPLIT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr, COMPUTE: tl.constexpr, WRITE_DSCALE: tl.constexpr):
         "Features of dq = s G k in program_id(1)'s BLOCK_OUT slice, G = (softmax_rows + softmax_cols - 2I) / 2N · grad, tile by tile; optionally Σ_j G_ij q_i·k_j per row."
@@ -579,6 +579,10 @@ def _clip_options(dtype):
     relaxed = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     return dict(PRECISION="tf32" if relaxed else options["PRECISION"], EMULATE=options["EMULATE"], COMPUTE=options["COMPUTE"])
 
+def _rows_bucket(num_rows:int)->int:
+    "The autotuning key of N: the next power of two (a contrastive batch's N varies with its deduplication; each new N would re-tune)."
+    return triton.next_power_of_2(num_rows)
+
 def _clip_launch(kernel, num_rows, slices, *args, **constexprs):
     if _interpreting(): kernel.fn[(triton.cdiv(num_rows, 64), slices)](*args, **constexprs, **_CLIP_INTERPRETER_TILES)
     else: kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), slices)](*args, **constexprs)
@@ -588,7 +592,7 @@ def _clip_lse(q, k, scale, write_diag):
     lse = torch.empty(num_rows, device=q.device, dtype=scale.dtype)
     diag = torch.empty(num_rows if write_diag else 1, device=q.device, dtype=scale.dtype)
     tiles = _clip_feature_tiles(dim)
-    _clip_launch(_clip_lse_kernel, num_rows, 1, q, k, scale, lse, diag, num_rows, dim, WRITE_DIAG=write_diag,
+    _clip_launch(_clip_lse_kernel, num_rows, 1, q, k, scale, lse, diag, num_rows, dim, _rows_bucket(num_rows), WRITE_DIAG=write_diag,
                  BLOCK_D=tiles["BLOCK_D"], RESIDENT=tiles["RESIDENT"], **_clip_options(q.dtype))
     return lse, diag
 
@@ -597,7 +601,7 @@ def _clip_grad(q, k, lse_q, lse_k, scale, grad, write_dscale):
     dq = torch.empty_like(q)
     dscale = torch.empty(num_rows if write_dscale else 1, device=q.device, dtype=scale.dtype)
     tiles = _clip_feature_tiles(dim)
-    _clip_launch(_clip_grad_kernel, num_rows, triton.cdiv(dim, tiles["BLOCK_OUT"]), q, k, lse_q, lse_k, scale, grad, dq, dscale, num_rows, dim,
+    _clip_launch(_clip_grad_kernel, num_rows, triton.cdiv(dim, tiles["BLOCK_OUT"]), q, k, lse_q, lse_k, scale, grad, dq, dscale, num_rows, dim, _rows_bucket(num_rows),
                  SPLIT=q.dtype in (torch.float16, torch.bfloat16), WRITE_DSCALE=write_dscale, **tiles, **_clip_options(q.dtype))
     return dq, dscale
 

@@ -161,13 +161,18 @@ def _optimizer(model:nn.Module, learning_rate:float, weight_decay:float)->torch.
     return torch.optim.AdamW([dict(params=groups[0], weight_decay=weight_decay), dict(params=groups[1], weight_decay=0.0)],
                              lr=learning_rate)
 
-def _batches(batch_size:int, split:str, seed:int, groups:int|None, device):
+def _batches(batch_size:int, split:str, seed:int, groups:int|None, device,
+             prefetch:int=32,   # grouped batches drawn per generator call (the same batches, fewer and larger launches)
+            ):
     "batch(step): distinct-program batches, drawn at random (`groups` None) or as `groups` compositions × batch_size/groups."
     if groups is None: return lambda step: retrieval_batch(batch_size, split, seed, step, device)
     sampler = GroupedBatchSampler(split, seed, check_integer(groups, "groups", low=2), batch_size // groups, device=device)
+    drawn = {}                   # {first step of the chunk: its batches as one TaskBatch}, one chunk at a time
     def batch(step:int)->TaskBatch:
-        drawn = sampler[step]
-        return drawn[distinct_programs(drawn.tokens)]
+        first, size = step - step % prefetch, sampler.batch_size
+        if first not in drawn: drawn.clear(); drawn[first] = sampler.batches(first, prefetch)
+        mine = drawn[first][(step - first) * size:(step - first + 1) * size]
+        return mine[distinct_programs(mine.tokens)]
     return batch
 
 def train_dual_encoder(config:DualEncoderConfig=DualEncoderConfig(),
