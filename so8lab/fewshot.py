@@ -464,7 +464,7 @@ def pareto_table(frame,                      # from `fewshot_frame`
                  metric:str="exact_match",   # 'exact_match', 'changed_accuracy' or 'iou': the gain compared
                  confidence:float=0.95,      # level of the t intervals over seeds
                 )->"pd.DataFrame":           # one row per method, by parameters
-    "Per adaptation method: parameters, seed-level mean gain with its t interval, time per step, orthogonality error, front membership."
+    "Per adaptation method, after the 'no adaptation' calibration row: parameters, seed-level mean gain with its t interval, time per step, orthogonality error, front membership."
     import pandas as pd
     from scipy import stats
     rows = _pareto_rows(frame, base_method, shots)
@@ -478,6 +478,8 @@ def pareto_table(frame,                      # from `fewshot_frame`
                       "seeds": per_seed.size, "gain": per_seed.mean(), "gain_low": low, "gain_high": high,
                       "step_ms": 1e3 * group.step_seconds.astype(float).median(), "unadapted": group.unadapted.mean(),
                       "orthogonality_error": errors.max() if len(errors) else math.nan})
+    table.append({"method": "no adaptation", "kind": "none", "parameters": 0, "seeds": rows.seed.nunique(), "gain": 0.0, "gain_low": 0.0,
+                  "gain_high": 0.0, "step_ms": math.nan, "unadapted": 1.0, "orthogonality_error": math.nan})   # calibration: the base as it is
     table = pd.DataFrame(table).sort_values(["parameters", "method"]).reset_index(drop=True)
     return table.assign(on_front=pareto_front(table.parameters, table.gain))
 

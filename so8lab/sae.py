@@ -194,15 +194,21 @@ def sae_loss_recovered(model:GridModel,      # the model; its parameters are unt
                        tasks:TaskBatch,      # evaluation set (also the set the mean of h is taken over)
                        sae=None,             # a SparseAutoencoder (default `model.sae`) or any callable h -> ĥ
                        batch_size:int=1000,  # samples per forward pass
+                       baseline:dict|None=None, # an earlier result for this model and tasks: its clean and ablated passes are reused
                       )->dict:               # clean, reconstructed, ablated (`evaluate` dicts), recovered, note, mean_h
     "`evaluate` with the pooled h that every cell token carries kept, replaced by the SAE's ĥ, or by the mean of h; and the fraction recovered."
     if not isinstance(model, GridModel): raise TypeError(f"model must be a GridModel, got {type(model).__name__}")
     reconstruct, sums = _reconstruction(model.sae if sae is None else sae, next(model.parameters()).device), []
-    def record(h): sums.append(h.double().sum(0)); return h
-    with replaced_pooled(model, record): clean = evaluate(model, tasks, batch_size)
-    mean_h = torch.stack(sums).sum(0) / len(tasks)
+    if baseline is None:
+        def record(h): sums.append(h.double().sum(0)); return h
+        with replaced_pooled(model, record): clean = evaluate(model, tasks, batch_size)
+        mean_h = torch.stack(sums).sum(0) / len(tasks)
+        with replaced_pooled(model, lambda h: mean_h.to(h.dtype).expand_as(h)): ablated = evaluate(model, tasks, batch_size)
+    else:
+        missing = sorted({"clean", "ablated", "mean_h"} - set(baseline)) if isinstance(baseline, dict) else ["clean", "ablated", "mean_h"]
+        if missing: raise ValueError(f"baseline must be an earlier sae_loss_recovered result, it lacks {missing}")
+        clean, ablated, mean_h = baseline["clean"], baseline["ablated"], baseline["mean_h"]
     with replaced_pooled(model, reconstruct): reconstructed = evaluate(model, tasks, batch_size)
-    with replaced_pooled(model, lambda h: mean_h.to(h.dtype).expand_as(h)): ablated = evaluate(model, tasks, batch_size)
     recovered, note = _recovered(clean, reconstructed, ablated)
     return dict(clean=clean, reconstructed=reconstructed, ablated=ablated, recovered=recovered, note=note, mean_h=mean_h.float().cpu())
 

@@ -297,6 +297,7 @@ def sae_summary(model:GridModel,                  # the model whose pooled h the
                 fdr:float=0.05,                   # Benjamini–Hochberg level of the selective-unit tests
                 seed:int=0,                       # seeds the permutations
                 units:bool=True,                  # test the units (False: skip, e.g. for the own SAE, which `sharing_metrics` tests)
+                recovered:dict|None=None,         # this SAE's `sae_loss_recovered` result when already computed (else computed here)
                )->dict:                           # metrics, units (if tested), loss_recovered
     "SAELens metrics, primitive-selective units among the alive ones and task-level loss recovered of an SAE on h, over one evaluation set."
     if not isinstance(model, GridModel): raise TypeError(f"model must be a GridModel, got {type(model).__name__}")
@@ -312,7 +313,7 @@ def sae_summary(model:GridModel,                  # the model whose pooled h the
         groups, _ = _usable_groups(representations, 2 * check_integer(k, "k", low=1))
         check_number(fdr, "fdr", low=0, high=1, low_open=True, high_open=True)
         summary["units"] = _selective_units(z.double().numpy(), representations.multi_hot.double().numpy(), groups, fdr, seed)
-    return {**summary, "loss_recovered": _recovered_summary(sae_loss_recovered(model, tasks, sae))}
+    return {**summary, "loss_recovered": _recovered_summary(sae_loss_recovered(model, tasks, sae) if recovered is None else recovered)}
 
 # %% ../nbs/15_sharing.ipynb #5ae0c00a
 _DASHBOARD_ARRAYS = {"auroc", "alive", "top_index", "top_activation", "top_inputs", "top_outputs", "histogram_counts", "histogram_edges"}
@@ -361,9 +362,11 @@ def sharing_run(job:Job, device:torch.device)->dict:
         table = layer_group_cka(representations, columns=12, min_group_size=2 * config["k"])
         results["layer_group_cka"] = table.to_dict(orient="split")
     sae, fit = _job_posthoc_sae(model, base, config)
-    summary = lambda s, units: sae_summary(model, representations, tasks, s, config["k"], seed=config["seed"], units=units)
-    results["sae"] = {"posthoc": {"fit": fit, **summary(sae, True)},                       # the SAE reads h: kept at the h level
-                      "own": {"trained": base.config["train"]["sae_weight"] > 0, **summary(None, False)}}   # its units: metrics.h
+    posthoc = sae_loss_recovered(model, tasks, sae)
+    own = sae_loss_recovered(model, tasks, None, baseline=posthoc)      # the same clean and mean-ablated passes
+    summary = lambda s, units, found: sae_summary(model, representations, tasks, s, config["k"], seed=config["seed"], units=units, recovered=found)
+    results["sae"] = {"posthoc": {"fit": fit, **summary(sae, True, posthoc)},                # the SAE reads h: kept at the h level
+                      "own": {"trained": base.config["train"]["sae_weight"] > 0, **summary(None, False, own)}}   # its units: metrics.h
     if config["heatmap"]: results["unit_dashboard"] = dashboard_record(unit_dashboard(sae.encode(representations.h), tasks))
     return results
 
