@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import math
-from so8lab.models import (CONDITIONINGS, ENCODERS, FUSIONS, PROGRAM_ENCODINGS, Attention, GridModel, ModelConfig,
+from so8lab.adapters import build_model
+from so8lab.models import (CONDITIONINGS, ENCODERS, FUSIONS, GRID_FUSIONS, PROGRAM_ENCODINGS, SO8T_FUSIONS, Attention, GridModel, ModelConfig,
                            SparseAutoencoder, TokenLayout, attention_weights, count_parameters, patchify, step_code, unpatchify)
 from so8lab.primitives import composition_id
 from so8lab.tasks import sample_tasks
@@ -27,7 +28,7 @@ def one_thread():
 
 
 TINY = ModelConfig(d_model=32, bottleneck_dim=16, layers=2, heads=4, sae_width=24)
-ALL = list(product(ENCODERS, CONDITIONINGS, FUSIONS, (1, 2)))
+ALL = [c for c in product(ENCODERS, CONDITIONINGS, FUSIONS, (1, 2)) if not (c[1] == "none" and c[2] in SO8T_FUSIONS)]  # so8t fuses a context
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def tiny(**changes): return replace(TINY, **changes)
 
 def model_for(seed=0, **changes):
     torch.manual_seed(seed)
-    return GridModel(tiny(**changes)).eval()
+    return build_model(tiny(**changes)).eval()      # a MultimodalSO8T for the so8t fusions
 
 
 def open_gates(model, value=0.8):
@@ -63,11 +64,12 @@ def test_shapes_of_every_configuration(batch, encoder, conditioning, fusion, pat
     assert out.primitive_logits.shape == (5, 6)
     assert [h.shape for h in out.hidden] == [(5, length, 32)] * 2
     assert out.layout.length == length and out.layout.cell_count == n
-    assert len(out.layout.context_segments) == context
+    if fusion != "so8t_resampler": assert len(out.layout.context_segments) == context   # the resampler's context is its latents
     torch.testing.assert_close(out.h, out.h_cells.mean(1))
     if attention: assert [a.shape for a in out.attentions] == [(5, 4, length, length)] * 2
-    cross = fusion == "cross_attention" and conditioning != "none"
-    if attention and cross: assert [a.shape for a in out.cross_attentions] == [(5, 4, n, context)] * 2
+    cross = fusion != "concat" and conditioning != "none"
+    keys = 8 if fusion == "so8t_resampler" else context          # the resampler hands over its 8 latents
+    if attention and cross: assert [a.shape for a in out.cross_attentions] == [(5, 4, n, keys)] * 2
     else: assert out.cross_attentions is None
     assert torch.isfinite(out.logits).all()
 
@@ -145,7 +147,7 @@ def test_attention_weights_formula():
     torch.testing.assert_close(attention_weights(q, k), expected / expected.sum(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("conditioning,fusion,patch", list(product(CONDITIONINGS, FUSIONS, (1, 2))))
+@pytest.mark.parametrize("conditioning,fusion,patch", [c for c in product(CONDITIONINGS, FUSIONS, (1, 2)) if not (c[0] == "none" and c[1] in SO8T_FUSIONS)])
 def test_explicit_softmax_path_equals_fused_path(batch, conditioning, fusion, patch):
     model = open_gates(model_for(conditioning=conditioning, fusion=fusion, patch_size=patch))
     with torch.no_grad():
@@ -161,7 +163,7 @@ def test_explicit_softmax_path_equals_fused_path(batch, conditioning, fusion, pa
 def test_program_padding_gets_no_attention_and_is_inert():
     data = sample_tasks(6, composition=torch.full((6,), composition_id(("FLIP",))))
     assert (data.tokens[:, 3:] == 0).all()
-    for fusion in FUSIONS:
+    for fusion in ("concat", "cross_attention", "so8t"):   # so8t_resampler's cross-attention reads its latents, not token positions
         model = open_gates(model_for(fusion=fusion))
         with torch.no_grad():
             full = model(data.inputs, data.tokens, return_attention=True)
@@ -214,7 +216,7 @@ def test_demo_changes_logits_in_demo_mode():
     assert ((a - b).flatten(1).abs().amax(1) > 1e-4).all()
 
 
-@pytest.mark.parametrize("encoder,fusion", list(product(ENCODERS, FUSIONS)))
+@pytest.mark.parametrize("encoder,fusion", list(product(ENCODERS, GRID_FUSIONS)))
 def test_none_mode_ignores_every_conditioning_input(encoder, fusion):
     data, other = sample_tasks(6, with_demo=True, seed=5), sample_tasks(6, with_demo=True, seed=6)
     model = model_for(encoder=encoder, fusion=fusion, conditioning="none")
@@ -250,6 +252,7 @@ def test_gate_gradient_is_nonzero_at_initialisation(batch):
 
 def test_samples_do_not_interact_across_the_batch(batch):
     for conditioning, fusion in product(CONDITIONINGS, FUSIONS):
+        if conditioning == "none" and fusion in SO8T_FUSIONS: continue   # so8t fuses a context: 'none' has none
         model = open_gates(model_for(conditioning=conditioning, fusion=fusion))
         with torch.no_grad():
             together = model.forward_batch(batch).logits
@@ -421,7 +424,7 @@ def nonzero_gradient_entries(model, batch):
             for i in torch.nonzero(p.grad.flatten().abs() > 1e-10).flatten()}
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", ("concat", "cross_attention", "so8t"))   # a resampler mixes all positions into its latents
 def test_length_3_programs_read_only_trained_entries(fusion):
     """After a backward pass on length-1/2 programs, every parameter entry a length-3 forward pass reads has a
     nonzero gradient with program_encoding='step'; with 'absolute' exactly rows 6-8 of token_position do not."""
