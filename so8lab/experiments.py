@@ -14,7 +14,7 @@ import shutil, time, warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import torch
-from .provenance import CorruptFile, atomic_path, check_integer, check_number, config_hash, file_lock, fixed_threads, read_json
+from .provenance import CorruptFile, atomic_path, check_choice, check_integer, check_number, config_hash, file_lock, fixed_threads, read_json
 from .primitives import composition_from_id, program_lengths
 from .tasks import EVAL_SPLITS, GroupedBatchSampler, PoolSampler, TaskBatch, load_task_set, sample_tasks
 from .models import GridModel, ModelConfig, count_parameters
@@ -154,13 +154,15 @@ def run_config(method:str, seed:int, preset:str|Preset)->dict:
     return {"method": method, "seed": seed, "preset": preset.name, "model": asdict(model), "train": asdict(train), "data": data,
             "stepwise": recipe.stepwise}
 
-def _evaluation_sets(val_size:int, test_size:int, device="cpu")->dict:
+def _evaluation_sets(val_size:int, test_size:int, device="cpu", splits=TEST_SPLITS)->dict:
     "Prefixes of the committed evaluation sets: `val_size` validation samples and `test_size` of each test split."
-    return {split: load_task_set(split)[:val_size if split == "val" else test_size].to(device) for split in TEST_SPLITS}
+    return {split: load_task_set(split)[:val_size if split == "val" else test_size].to(device) for split in splits}
 
-def evaluation_sets(preset:Preset, device="cpu")->dict:
+def evaluation_sets(preset:Preset, device="cpu",
+                    splits=TEST_SPLITS,   # the splits to load (default: all four)
+                   )->dict:
     "The validation and test sets of `preset` (prefixes of the committed sets in data/)."
-    return _evaluation_sets(preset.val_size, preset.test_size, device)
+    return _evaluation_sets(preset.val_size, preset.test_size, device, [check_choice(s, "splits", TEST_SPLITS) for s in splits])
 
 def training_job(method:str,           # a key of METHODS
                  seed:int,             # seed of data pool, batch order and initial weights

@@ -25,7 +25,7 @@ from .adapters import adapted_layers, attach_adapters, freeze_base, orthogonalit
 from .training import TrainConfig, Trainer, evaluate
 from .runner import Job, run_job, run_jobs
 from .experiments import METHODS, Preset, get_preset, load_trained, training_job
-from .stats import BELOW_COMPETENCE, holm, retention
+from .stats import BELOW_COMPETENCE, holm, retention, t_interval
 
 # %% ../nbs/12_fewshot.ipynb #42cbc159
 def _heldout_order()->torch.Tensor:
@@ -466,13 +466,11 @@ def pareto_table(frame,                      # from `fewshot_frame`
                 )->"pd.DataFrame":           # one row per method, by parameters
     "Per adaptation method, after the 'no adaptation' calibration row: parameters, seed-level mean gain with its t interval, time per step, orthogonality error, front membership."
     import pandas as pd
-    from scipy import stats
     rows = _pareto_rows(frame, base_method, shots)
     table = []
     for method, group in rows.groupby("adaptation_method"):
         per_seed = group.groupby("seed")[f"gain_{metric}"].mean().to_numpy()
-        spread = per_seed.size > 1 and per_seed.std() > 0
-        low, high = stats.ttest_1samp(per_seed, 0).confidence_interval(confidence) if spread else (per_seed.mean(),) * 2
+        low, high = t_interval(per_seed, confidence)
         errors = group.orthogonality_error.dropna()
         table.append({"method": method, "kind": adapter_variant(method)[0], "parameters": int(group.trainable_parameters.max()),
                       "seeds": per_seed.size, "gain": per_seed.mean(), "gain_low": low, "gain_high": high,

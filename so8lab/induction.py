@@ -13,7 +13,8 @@ from .primitives import apply_encoded
 from .tasks import TaskBatch, sample_tasks
 from .experiments import Preset, competence, get_preset, evaluation_sets
 from .runner import Job, run_job
-from .retrieval import (DualEncoderConfig, ProgramSet, all_programs, chance_metrics, executor_retrieval, heldout_candidates,
+from .stats import t_interval
+from .retrieval import (DualEncoderConfig, ProgramSet, all_programs, chance_metrics, executor_equivalence, executor_retrieval, heldout_candidates,
                               nearest_neighbour_retrieval, retrieval_metrics, retrieval_scores, train_dual_encoder, true_program_mask)
 
 # %% auto #0
@@ -71,7 +72,7 @@ def retrieval_tasks(split:str,              # one of RETRIEVAL_SPLITS
                    )->TaskBatch:            # tasks with a demonstration pair each
     "The H5 tasks of `split`: the preset's evaluation set, on which the demonstration-conditioned models are tested too."
     check_choice(split, "split", RETRIEVAL_SPLITS)
-    return evaluation_sets(get_preset(preset))[split]
+    return evaluation_sets(get_preset(preset), splits=(split,))[split]
 
 def demonstrations(tasks:TaskBatch)->TaskBatch:
     "The demonstration pairs of `tasks` as (input, output) pairs with the tasks' programs: the retrieval queries."
@@ -126,12 +127,14 @@ def scored_metrics(scores:torch.Tensor,       # [Q, K] candidate scores of the d
             "induction": float(induction_accuracy(scores, tasks, candidates).mean()), "queries": len(tasks), "n_candidates": candidates.size}
 
 # %% ../nbs/15c_induction.ipynb #c5a10018
-def _queries(config:dict, kind:str, device)->tuple:
-    "(tasks, demonstration pairs, candidates) of one candidate set of a job's split (the 'all' set: its first `all_queries`)."
-    tasks = retrieval_tasks(config["split"], config["preset"]).to(device)
-    if kind == "all": tasks = tasks[:config["all_queries"]]
-    pairs = demonstrations(tasks)
-    return tasks, pairs, candidate_set(kind, pairs, config["split"])
+def _query_sets(config:dict, device)->dict:
+    "{kind: (tasks, demonstration pairs, candidates)} of a calibration's split, loaded once (the 'all' set: its first `all_queries`)."
+    tasks, found = retrieval_tasks(config["split"], config["preset"]).to(device), {}
+    for kind in CANDIDATE_SETS:
+        mine = tasks if kind == "split" else tasks[:config["all_queries"]]
+        pairs = demonstrations(mine)
+        found[kind] = (mine, pairs, candidate_set(kind, pairs, config["split"]))
+    return found
 
 def _mask(indices:list, shape:tuple, device)->torch.Tensor:
     "Bool [Q, K] with True at each row's listed columns."
@@ -143,11 +146,9 @@ def _mask(indices:list, shape:tuple, device)->torch.Tensor:
 def calibration_run(job:Job, device:torch.device)->dict:
     "The model-free rows of one split: chance and the executor (exact bound), and the programs equivalent on each demonstration."
     sets = {}
-    for kind in CANDIDATE_SETS:
-        tasks, pairs, candidates = _queries(job.config, kind, device)
-        executed, true = executor_retrieval(pairs, candidates), true_program_mask(pairs, candidates)
-        equivalent = executed.bool()
-        if not bool(equivalent[true].all()): raise RuntimeError("a true program does not reproduce its demonstration: executor and generator disagree")
+    for kind, (tasks, pairs, candidates) in _query_sets(job.config, device).items():
+        true, equivalent = executor_equivalence(pairs, candidates)
+        executed = equivalent.float()
         chance = torch.zeros_like(executed)   # every candidate tied: the metrics of a uniformly random ranking
         sets[kind] = {"equivalent": [row.nonzero().flatten().tolist() for row in equivalent.cpu()],
                          "chance": scored_metrics(chance, tasks, candidates, true, equivalent),
@@ -166,14 +167,12 @@ def _equivalence(calibration:dict, kind:str, shape:tuple, device)->torch.Tensor:
     "The equivalence mask of candidate set `kind` stored in a calibration record."
     return _mask(calibration["sets"][kind]["equivalent"], shape, device)
 
-def _score_splits(score, calibrations:dict, config:dict, device)->dict:
-    "{split: {kind: scored_metrics}} of a scorer score(pairs, candidates) -> [Q, K] on every split and candidate set."
+def _score_splits(score, calibrations:dict, device)->dict:
+    "{split: {kind: scored_metrics}} of a scorer score(pairs, candidates) -> [Q, K] on the tasks of every calibration."
     found = {}
     for split, calibration in calibrations.items():
         found[split] = {}
-        for kind in CANDIDATE_SETS:
-            tasks, pairs, candidates = _queries({**config, "split": split, "preset": calibration["preset"],
-                                                 "all_queries": calibration["all_queries"]}, kind, device)
+        for kind, (tasks, pairs, candidates) in _query_sets(calibration, device).items():   # a record holds its config
             scores = score(pairs, candidates)
             found[split][kind] = scored_metrics(scores, tasks, candidates, true_program_mask(pairs, candidates),
                                                 _equivalence(calibration, kind, tuple(scores.shape), device))
@@ -187,7 +186,7 @@ def neighbour_run(job:Job, device:torch.device)->dict:
     "Nearest-neighbour retrieval of every split and candidate set, against training pairs drawn with the job's seed."
     references = sample_tasks(job.config["references"], "train", job.config["seed"], device, stream="retrieval-references")
     score = lambda pairs, candidates: nearest_neighbour_retrieval(pairs, references, candidates)
-    return {"retrieval": _score_splits(score, _calibrations(job, device), job.config, device)}
+    return {"retrieval": _score_splits(score, _calibrations(job, device), device)}
 
 def neighbour_job(seed:int, preset:str|Preset, results_dir)->Job:
     "The runner job of the nearest-neighbour baseline of one seed (its reference pairs are the seed's)."
@@ -205,7 +204,7 @@ def retrieval_run(job:Job, device:torch.device)->dict:
     model, history = train_dual_encoder(DualEncoderConfig(**c["encoder"]), device=device, seed=c["seed"], log_every=max(1, c["steps"] // 20),
                                         **{k: c[k] for k in ("steps", "batch_size", "groups", "learning_rate", "share_weight", "share_k")})
     model.eval()
-    found = _score_splits(lambda pairs, candidates: retrieval_scores(model, pairs, candidates), _calibrations(job, device), c, device)
+    found = _score_splits(lambda pairs, candidates: retrieval_scores(model, pairs, candidates), _calibrations(job, device), device)
     value = found["val"]["split"]["top1_equivalent"]
     return {"retrieval": found, "history": history, "n_parameters": sum(p.numel() for p in model.parameters()),
             "competence": {"passed": bool(value >= c["competence_bar"]), "bar": c["competence_bar"], "val_top1_equivalent": value}}
@@ -265,7 +264,6 @@ def summary_table(frame,                    # `retrieval_frame` or `induction_fr
                  ):                         # pandas DataFrame: one row per (split, [candidates,] method) with mean, low, high per metric
     "Seed means with t intervals per method; calibration rows (one value, no seed) have no interval."
     import pandas as pd
-    from scipy import stats as scipy_stats
     keys = [k for k in ("split", "candidates", "method", "role") if k in frame]
     rows = []
     for key, group in frame.groupby(keys, sort=False):
@@ -273,10 +271,7 @@ def summary_table(frame,                    # `retrieval_frame` or `induction_fr
         for metric in metrics:
             values = group[metric].to_numpy(float)
             row[metric] = values.mean()
-            if len(values) > 1 and values.std() > 0:
-                low, high = scipy_stats.t.interval(confidence, len(values) - 1, values.mean(), scipy_stats.sem(values))
-            else: low = high = values.mean()
-            row[f"{metric}_low"], row[f"{metric}_high"] = low, high
+            row[f"{metric}_low"], row[f"{metric}_high"] = t_interval(values, confidence)
         rows.append(row)
     return pd.DataFrame(rows)
 

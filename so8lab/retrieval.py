@@ -25,7 +25,7 @@ from .losses import share_loss
 __all__ = ['DualEncoderConfig', 'distinct_programs', 'DualEncoder', 'retrieval_batch', 'train_dual_encoder', 'ProgramSet',
            'parameter_values', 'all_programs', 'heldout_candidates', 'program_keys', 'true_program_mask',
            'retrieval_metrics', 'chance_metrics', 'retrieval_scores', 'nearest_neighbour_retrieval',
-           'executor_retrieval', 'retrieval_table']
+           'executor_retrieval', 'executor_equivalence', 'retrieval_table']
 
 # %% ../nbs/15b_retrieval.ipynb #cf22aa79
 @dataclass(frozen=True)
@@ -203,12 +203,11 @@ def train_dual_encoder(config:DualEncoderConfig=DualEncoderConfig(),
     batches = _batches(batch_size, split, seed, groups, device)
     optimizer, history, totals, last = _optimizer(model, learning_rate, weight_decay), [], 0, 0
     for step in range(steps):
-        batch = batches(step)
-        keep = distinct_programs(batch.tokens)   # already distinct: a no-op kept for clarity of the contract
-        features = model.pair_features(batch.inputs[keep], batch.outputs[keep])
-        pairs, programs = model.embed_pairs(features), model.encode_programs(batch.tokens[keep])
+        batch = batches(step)                    # every program of it distinct (both samplers deduplicate)
+        features = model.pair_features(batch.inputs, batch.outputs)
+        pairs, programs = model.embed_pairs(features), model.encode_programs(batch.tokens)
         loss = contrastive = clip_loss(pairs, programs, model.scale)
-        share = share_loss(features, batch.composition[keep], share_k)[0] if share_weight else loss.new_zeros(())
+        share = share_loss(features, batch.composition, share_k)[0] if share_weight else loss.new_zeros(())
         if share_weight: loss = loss + share_weight * share
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         with torch.no_grad():
@@ -433,6 +432,14 @@ def executor_retrieval(queries:TaskBatch,        # query pairs
         matches.append((produced == queries.outputs[query]).flatten(1).all(1))
     return torch.cat(matches).view(n, k).float()
 
+def executor_equivalence(queries:TaskBatch,      # query pairs
+                         candidates:ProgramSet,  # shared [K] or per query [Q, K]
+                        )->tuple:                # (true [Q, K] bool: the own program, equivalent [Q, K] bool: reproduces the output)
+    "Each query's own program among the candidates and every candidate the executor finds equivalent; an error if the own one is not."
+    true, equivalent = true_program_mask(queries, candidates), executor_retrieval(queries, candidates).bool()
+    if not bool(equivalent[true].all()): raise RuntimeError("a true program does not reproduce its output: executor and generator disagree")
+    return true, equivalent
+
 # %% ../nbs/15b_retrieval.ipynb #daffe506
 def retrieval_table(model:DualEncoder,           # trained dual encoder
                     queries:TaskBatch,           # held-out query pairs
@@ -446,9 +453,8 @@ def retrieval_table(model:DualEncoder,           # trained dual encoder
     if max_queries is not None:
         queries = queries[:check_integer(max_queries, "max_queries", low=1)]
         if not candidates.shared: candidates = ProgramSet(candidates.primitive[:len(queries)], candidates.parameters[:len(queries)])
-    true, executed = true_program_mask(queries, candidates), executor_retrieval(queries, candidates)
-    equivalent = executed.bool()
-    if not bool(equivalent[true].all()): raise RuntimeError("a true program does not reproduce its output: executor and generator disagree")
+    true, equivalent = executor_equivalence(queries, candidates)
+    executed = equivalent.float()
     def row(method, strict, loose): return dict(method=method, queries=len(queries), candidates=candidates.size,
                                                 **{k: v for k, v in strict.items() if k != "queries"}, top1_equivalent=loose["top1"])
     rows = [row("chance", chance_metrics(candidates.size, 1, ks), chance_metrics(candidates.size, equivalent.sum(1), ks))]

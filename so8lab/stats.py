@@ -6,10 +6,10 @@
 __all__ = ['BELOW_COMPETENCE', 'bootstrap_ci', 'difference_ci', 'cohens_d', 'hedges_correction', 'hedges_g', 'cohens_dz',
            'Comparison', 'compare', 'holm', 'Verdict', 'verdict', 'comparison_table', 'markdown_table',
            'compare_methods', 'verdict_rows', 'paired_values', 'compare_bases', 'noninferiority', 'retention',
-           'plot_comparison', 'paired_t_tests', 'primary_table', 'seed_pairs', 'primary_rows', 'ablation_table',
-           'interquartile_mean', 'probability_of_improvement', 'bootstrap_aggregates', 'seeds_for_power',
-           'kaplan_meier', 'event_groups', 'time_to_event_table', 'logrank', 'plot_survival', 'time_to_event_family',
-           'time_to_event_rows']
+           'plot_comparison', 't_interval', 'paired_t_tests', 'primary_table', 'seed_pairs', 'primary_rows',
+           'ablation_table', 'interquartile_mean', 'probability_of_improvement', 'bootstrap_aggregates',
+           'seeds_for_power', 'kaplan_meier', 'event_groups', 'time_to_event_table', 'logrank', 'plot_survival',
+           'time_to_event_family', 'time_to_event_rows']
 
 # %% ../nbs/09_stats.ipynb #2cdc6fc4
 import math
@@ -441,10 +441,13 @@ def _no_spread(differences:np.ndarray)->bool:
     "Whether `differences` are equal up to rounding (the t statistic is then undefined)."
     return bool(np.ptp(differences) <= 1e-12 * max(1.0, float(np.abs(differences).max())))
 
-def _t_interval(differences:np.ndarray, confidence:float)->tuple[float, float]:
-    "Student-t confidence interval of the mean of `differences`; a point when they do not vary."
-    if _no_spread(differences): return (float(differences.mean()),) * 2
-    interval = stats.ttest_1samp(differences, 0.0).confidence_interval(confidence)
+def t_interval(values,             # 1-D per-unit values (e.g. per-seed means or paired differences)
+               confidence:float,   # level of the interval
+              )->tuple[float, float]:
+    "Student-t confidence interval of the mean of `values`; a point when they do not vary (one value included)."
+    values = np.asarray(values, dtype=np.float64)
+    if _no_spread(values): return (float(values.mean()),) * 2
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
     return float(interval.low), float(interval.high)
 
 def _t_test(differences:np.ndarray, alternative:str)->float:
@@ -471,7 +474,7 @@ def paired_t_tests(treatment,                 # per-seed values of the treatment
     if not isinstance(higher_is_better, (bool, np.bool_)): raise TypeError(f"higher_is_better must be True or False, got {higher_is_better!r}")
     differences = treatment - baseline
     better, worse = ("greater", "less") if higher_is_better else ("less", "greater")
-    low, high = _t_interval(differences, confidence)
+    low, high = t_interval(differences, confidence)
     return dict(seeds=int(differences.size), treatment_mean=float(treatment.mean()), baseline_mean=float(baseline.mean()),
                 difference=float(differences.mean()), difference_low=low, difference_high=high, d_z=cohens_dz(treatment, baseline),
                 p_better=_t_test(differences, better), p_worse=_t_test(differences, worse), p_equivalent=_tost(treatment, baseline, sesoi))
@@ -560,7 +563,7 @@ def ablation_table(pairs:dict,            # {comparison: (proposed values, ablat
     for name, (treatment, ablation) in pairs.items():
         treatment, ablation = _paired_arrays(treatment, ablation)
         differences = treatment - ablation
-        low, high = _t_interval(differences, confidence)
+        low, high = t_interval(differences, confidence)
         rows.append(dict(comparison=name, seeds=int(differences.size), treatment_mean=float(treatment.mean()),
                          ablation_mean=float(ablation.mean()), difference=float(differences.mean()), difference_low=low,
                          difference_high=high, d_z=cohens_dz(treatment, ablation), p_two_sided=_t_test(differences, "two-sided")))
