@@ -10,7 +10,7 @@ JS := $(VENV)/js
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: install reports test export lab clean-reports benchmark
+.PHONY: install reports test export lab clean-reports benchmark docs notebooks
 
 install: $(STAMP)
 
@@ -38,9 +38,21 @@ reports: install
 	$(BIN)/so8lab report --preset pilot --out reports/pilot --no-train -p 'rates=$(PILOT_RATES)'
 
 # One BLAS/OpenMP thread per process: two test processes share the two cores without oversubscription.
+# The library notebooks run once, as nbdev_test runs them, and must reproduce their committed outputs
+# (so8lab-docs notebooks); nbdev_test runs the report templates; then pytest.
 test: install
-	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/nbdev_test --n_workers 2 --do_print --timing
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/so8lab-docs notebooks --workers 2
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/nbdev_test --path nbs/experiments --n_workers 2 --do_print --timing
 	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest -n 2 tests
+
+# Re-execute the library notebooks and write their teaching outputs (after changing a notebook).
+notebooks: install
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/so8lab-docs notebooks --write --workers 2
+
+# The offline documentation site in _docs/ (open _docs/index.html) and README.md, both from the notebooks.
+docs: install
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/so8lab-docs site --out _docs
+	$(BIN)/so8lab-docs readme
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_tasks.py

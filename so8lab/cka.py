@@ -6,6 +6,8 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
+import matplotlib.figure
+import pandas as pd
 import scipy.stats
 import torch
 import torch.nn.functional as F
@@ -152,9 +154,8 @@ def _named(representations, name:str)->dict:
 def cka_matrix(reps_a:dict|list,            # name -> [n, d] representation, e.g. one per layer
                reps_b:dict|list|None=None,  # compared with each of reps_a, e.g. one per task; None: reps_a itself
                debiased:bool=False,         # unbiased HSIC_1 estimator (Song et al. 2012)
-              )->"pandas.DataFrame":        # CKA values, rows keyed like reps_a, columns like reps_b
+              )->pd.DataFrame:        # CKA values, rows keyed like reps_a, columns like reps_b
     "Linear CKA between every representation in `reps_a` and every one in `reps_b` (same samples)."
-    import pandas as pd
     a = {k: _centre(v, f"reps_a[{k!r}]", debiased) for k, v in _named(reps_a, "reps_a").items()}
     b = a if reps_b is None else {k: _centre(v, f"reps_b[{k!r}]", debiased) for k, v in _named(reps_b, "reps_b").items()}
     sizes = {len(c.values) for c in [*a.values(), *b.values()]}
@@ -163,7 +164,7 @@ def cka_matrix(reps_a:dict|list,            # name -> [n, d] representation, e.g
     return pd.DataFrame(values, index=list(a), columns=list(b))
 
 # %% ../nbs/14_cka.ipynb #49b8df68
-def plot_cka_matrix(matrix:"pandas.DataFrame",  # a table from `cka_matrix`
+def plot_cka_matrix(matrix:pd.DataFrame,  # a table from `cka_matrix`
                     title:str|None=None,         # axes title
                    )->"matplotlib.figure.Figure":
     "Heatmap of a `cka_matrix` table on a 0–1 colour scale, with the values written in the cells."
@@ -305,9 +306,8 @@ def probe_transfer(features_a,              # [na, d] representations of task gr
                    labels_b,                # [nb, L] multi-hot labels of group B
                    label_names:list|None=None,  # names of the L labels; default 0..L-1
                    **probe_options,         # passed to `train_probe` (weight_decay, max_iterations, seed)
-                  )->"pandas.DataFrame":    # one row per label: auroc_a, auroc_b, accuracy_a, accuracy_b
+                  )->pd.DataFrame:    # one row per label: auroc_a, auroc_b, accuracy_a, accuracy_b
     "Train a probe on group A and report per-label AUROC and accuracy on A (in-sample) and on B (transfer)."
-    import pandas as pd
     x_a, x_b = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     y_a, y_b = _as_labels(labels_a, "labels_a", len(x_a)), _as_labels(labels_b, "labels_b", len(x_b))
     if y_a.shape[1] != y_b.shape[1]: raise ValueError(f"labels_a and labels_b must have the same labels, got {y_a.shape[1]} and {y_b.shape[1]}")
@@ -364,9 +364,8 @@ def unit_statistics(activations,              # [n, units] sparse codes z
                     threshold:float=0.,       # a unit is active on a sample when its activation exceeds this
                     n_permutations:int=1000,  # size of the permutation null
                     seed:int=0,               # seed of the permutations
-                   )->"pandas.DataFrame":     # one row per (unit, label)
+                   )->pd.DataFrame:     # one row per (unit, label)
     "Per unit: activation rate, dead flag; per (unit, label): correlation, AUROC, permutation p-values, BH q-values."
-    import pandas as pd
     z = _as_matrix(activations, "activations")
     y = _as_labels(labels, "labels", len(z))
     (n, units), width = z.shape, y.shape[1]

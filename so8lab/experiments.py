@@ -14,6 +14,7 @@ import shutil, time, warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import torch
+import pandas as pd
 from .provenance import CorruptFile, atomic_path, check_choice, check_integer, check_number, config_hash, file_lock, fixed_threads, read_json
 from .primitives import composition_from_id, program_lengths
 from .tasks import EVAL_SPLITS, GroupedBatchSampler, PoolSampler, TaskBatch, load_task_set, sample_tasks
@@ -364,9 +365,8 @@ def metrics_frame(records:list,                  # training records
                   targets:tuple=(),              # validation IoU levels (steps/seconds/reached to each)
                   exact_targets:tuple=(),        # validation exact-match levels (H3's time to event)
                   preset:str|Preset|None=None,   # judge competence against this preset's bar (else the record's own)
-                 )->"pd.DataFrame":
+                 )->pd.DataFrame:
     "One row per record: method, seed, metrics of every split (and per length), competence, timings, time to each target."
-    import pandas as pd
     rows = []
     for r in records:
         row = {"method": r["method"], "seed": r["seed"], "n_parameters": r["n_parameters"],
@@ -383,9 +383,8 @@ def metrics_frame(records:list,                  # training records
 
 def composition_frame(records:list,   # training records with per-composition metrics
                       split:str,      # an evaluation split
-                     )->"pd.DataFrame":
+                     )->pd.DataFrame:
     "One row per (record, composition) of `split`: method, seed, composition id, length, n and the metrics."
-    import pandas as pd
     rows = [{"method": r["method"], "seed": r["seed"], "composition": int(c), "length": len(composition_from_id(int(c))), **values}
             for r in records for c, values in r["metrics"][split].get("by_composition", {}).items()]
     if not rows: raise ValueError(f"no per-composition metrics for split {split!r} in these records (made before they were kept?)")

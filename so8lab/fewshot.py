@@ -15,6 +15,7 @@ import copy, hashlib, math, time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from .provenance import check_integer, check_number
@@ -414,9 +415,8 @@ def replay_adaptation(model:nn.Module,         # the record's base model (`load_
 
 
 # %% ../nbs/12_fewshot.ipynb #ff579aac
-def fewshot_frame(records:list)->"pd.DataFrame":
+def fewshot_frame(records:list)->pd.DataFrame:
     "One row per target adaptation of the few-shot `records`: the tuned recipe, zero-shot and adapted query metrics, gains, cost."
-    import pandas as pd
     rows = []
     for r in records:
         for a in r["adaptations"]:
@@ -463,9 +463,8 @@ def pareto_table(frame,                      # from `fewshot_frame`
                  shots:int|None=None,        # support size (default: the largest)
                  metric:str="exact_match",   # 'exact_match', 'changed_accuracy' or 'iou': the gain compared
                  confidence:float=0.95,      # level of the t intervals over seeds
-                )->"pd.DataFrame":           # one row per method, by parameters
+                )->pd.DataFrame:           # one row per method, by parameters
     "Per adaptation method, after the 'no adaptation' calibration row: parameters, seed-level mean gain with its t interval, time per step, orthogonality error, front membership."
-    import pandas as pd
     rows = _pareto_rows(frame, base_method, shots)
     table = []
     for method, group in rows.groupby("adaptation_method"):
@@ -491,9 +490,8 @@ def pareto_verdicts(frame,                       # from `fewshot_frame`
                     fraction:float=0.5,          # share of the reference's gain a candidate must keep
                     alpha:float=0.05,            # family-wise level
                     competent:bool=True,         # False: every row is 'not testable: below competence'
-                   )->"pd.DataFrame":            # one row per candidate
+                   )->pd.DataFrame:            # one row per candidate
     "Does each candidate keep `fraction` of the best peer's gain with fewer parameters? Paired by seed, Holm across candidates."
-    import pandas as pd
     rows = _pareto_rows(frame, base_method, shots)
     missing = [c for c in candidates if c not in set(rows.adaptation_method)]
     if not candidates or missing: raise ValueError(f"candidates must be methods the frame holds at these shots, missing {missing or 'all'}")
@@ -545,7 +543,7 @@ def fewshot_records(base_methods=None,          # base runs to adapt; default: t
 def fewshot_study(base_methods=None, seeds=None, preset:str|Preset="cpu", results_dir="runs", compositions:int|None=None,
                   shots:tuple|None=None, adaptation_methods:tuple|None=None, device=None, workers:int=1,
                   executor:str|None=None,
-                 )->"pd.DataFrame":  # one row per (base method, seed, composition, shots, adaptation method)
+                 )->pd.DataFrame:  # one row per (base method, seed, composition, shots, adaptation method)
     "`fewshot_records` (same arguments) as a table (`fewshot_frame`)."
     return fewshot_frame(fewshot_records(base_methods, seeds, preset, results_dir, compositions, shots, adaptation_methods,
                                          device, workers, executor))
