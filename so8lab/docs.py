@@ -6,7 +6,8 @@
 __all__ = ['NOTEBOOK_SIZE_BUDGET', 'OUTPUT_LIMITS', 'WIDGET_VIEW_MIMETYPE', 'REFERENCE_CPU', 'SITE_STYLE', 'README_IMAGES',
            'teaching_outputs', 'comparable_text', 'printed_unit', 'texts_agree', 'output_drift', 'library_notebooks',
            'execute_notebook', 'committed_outputs', 'write_outputs', 'run_notebooks', 'page_frontmatter', 'docs_page',
-           'site_reports', 'build_site', 'readme_markdown', 'write_readme', 'verdict_table', 'verdict_counts', 'main']
+           'repair_anchors', 'site_reports', 'build_site', 'readme_markdown', 'write_readme', 'verdict_table',
+           'verdict_counts', 'main']
 
 # %% ../nbs/19_docs.ipynb #d19a0003
 import argparse
@@ -289,6 +290,26 @@ def _markdown_notebook(markdown:str, target:Path)->Path:
                       "metadata": {}, "nbformat": 4, "nbformat_minor": 5}), target)
     return target
 
+_HEADING_ID = re.compile(r'(<h[1-6][^>]*\sid=")([^"]+)(")')
+_HREF = re.compile(r'href="([^":]*)"')
+
+def repair_anchors(pages:dict,   # page path within the site (posix) -> its HTML
+                  )->dict:       # the same pages, anchors repaired
+    "Heading ids lower-cased (nbdev links to `page.html#name` in lower case), and links to an anchor no page has sent to the nearest one that exists."
+    pages = {name: _HEADING_ID.sub(lambda m: m.group(1) + m.group(2).lower() + m.group(3), text) for name, text in pages.items()}
+    pages = {name: re.sub(r'href="#([^"]+)"', lambda m: f'href="#{m.group(1).lower()}"', text) for name, text in pages.items()}
+    ids = {name: set(re.findall(r'\sid="([^"]+)"', text)) for name, text in pages.items()}
+    def repair(name, href):
+        path, _, fragment = href.partition("#")
+        if not fragment: return href
+        target = (Path(name).parent / path).as_posix() if path else name
+        target = os.path.normpath(target)
+        if target not in ids: return href                      # not a page of the site: left as it is
+        for candidate in (fragment, fragment.lower(), fragment.lower().split(".")[0]):
+            if candidate in ids[target]: return f"{path}#{candidate}"
+        return path or "#"
+    return {name: _HREF.sub(lambda m: f'href="{repair(name, m.group(1))}"', text) for name, text in pages.items()}
+
 def site_reports(reports_path="reports")->list:
     "(name, notebook) of every kept report: the main job's, then the pilot's."
     reports_path = Path(reports_path)
@@ -300,6 +321,7 @@ def build_site(out="_docs",            # the site's folder (replaced whole when 
                nbs_path=None,          # the notebooks; default the settings' nbs_path
                reports_path="reports", # the kept reports and summary.md
                n_workers:int=2,        # processes for nbdev's doc processors
+               assets=("docs/images",),# folders (relative to the repository root) the pages link to, copied into the site
               )->Path:                 # `out`
     "Build the offline documentation site: a page per library notebook with its API reference, the index as home, the reports and their summary."
     nbs_path, reports_path, out = Path(nbs_path or get_config().nbs_path), Path(reports_path), Path(out)
@@ -322,6 +344,12 @@ def build_site(out="_docs",            # the site's folder (replaced whole when 
             _add_navigation(export_html(notebook, building / "reports" / "summary.html"), entries, "reports/summary.html", "../")
         for name, path in reports:
             _add_navigation(export_report(path, building / "reports" / f"{name}.html"), entries, f"reports/{name}.html", "../")
+        written = {p.relative_to(building).as_posix(): p for p in building.rglob("*.html")}
+        repaired = repair_anchors({name: path.read_text(encoding="utf-8") for name, path in written.items()})
+        for name, text in repaired.items(): atomic_write(written[name], text)
+        root = Path(get_config().config_path)
+        for folder in assets:
+            if (root / folder).is_dir(): shutil.copytree(root / folder, building / folder)
         shutil.rmtree(pages)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True); raise
