@@ -20,9 +20,10 @@ $(STAMP): setup.py settings.ini constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 triton==3.7.1
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	# Offline HTML reports: require.js and the Jupyter widget manager as local copies (so8lab.export.export_html reads $(JS))
+	# Offline HTML reports: require.js and the Jupyter widget manager as local copies (so8lab.export.export_html reads $(JS));
+	# MathJax 3 (its self-contained tex-svg.js) draws the maths of the documentation site (so8lab.docs)
 	command -v npm >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends nodejs npm; }
-	npm install --prefix $(JS) --no-audit --no-fund --ignore-scripts --no-package-lock @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8
+	npm install --prefix $(JS) --no-audit --no-fund --ignore-scripts --no-package-lock @jupyter-widgets/html-manager@1.0.15 requirejs@2.3.8 mathjax@3.2.2
 	# Browser tests: Debian's chromium, driven by the playwright Python package (which downloads no browser)
 	test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 	touch $@

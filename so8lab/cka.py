@@ -6,7 +6,6 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
-import matplotlib.figure
 import pandas as pd
 import scipy.stats
 import torch
@@ -166,8 +165,8 @@ def cka_matrix(reps_a:dict|list,            # name -> [n, d] representation, e.g
 # %% ../nbs/14_cka.ipynb #49b8df68
 def plot_cka_matrix(matrix:pd.DataFrame,  # a table from `cka_matrix`
                     title:str|None=None,         # axes title
-                   )->"matplotlib.figure.Figure":
-    "Heatmap of a `cka_matrix` table on a 0–1 colour scale, with the values written in the cells."
+                   ):
+    "Heatmap of a `cka_matrix` table on a 0–1 colour scale, with the values written in the cells; returns the matplotlib Figure."
     from matplotlib.figure import Figure
     if not hasattr(matrix, "columns"): raise TypeError(f"matrix must be a pandas DataFrame from cka_matrix, got {type(matrix).__name__}")
     rows, columns = matrix.shape
