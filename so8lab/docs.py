@@ -68,6 +68,7 @@ def teaching_outputs(outputs:list)->list:
 # %% ../nbs/19_docs.ipynb #d19a0011
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?!\w)")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_TIMESTAMP = re.compile(r"\b\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[+-]\d{2}:?\d{2}|Z)?")
 _HEX_WORD = re.compile(r"\b[0-9a-f]{7,64}(?:-dirty\+sources-[0-9a-f]+)?\b|\bsources-[0-9a-f]+\b")   # git SHAs and code identities
 _TINY = 1e-6   # numbers below this in magnitude are rounding errors: any two agree
 
@@ -82,7 +83,7 @@ def comparable_text(output:dict)->str:
         data = output["data"]
         mime = next(m for m in ("image/png", "text/plain", "text/markdown", "text/html") if m in data)
         text = f"<{mime}>" if mime == "image/png" else _text(data[mime])
-    return _scratch_paths().sub("<scratch>", _ADDRESS.sub("0x…", text))
+    return _scratch_paths().sub("<scratch>", _TIMESTAMP.sub("<time>", _ADDRESS.sub("0x…", text)))
 
 def printed_unit(token:str)->float:
     "One unit in the last printed place of a decimal token; 0 for an integer."
