@@ -11,6 +11,7 @@ __all__ = ['NOTEBOOK_SIZE_BUDGET', 'OUTPUT_LIMITS', 'WIDGET_VIEW_MIMETYPE', 'REF
 
 # %% ../nbs/19_docs.ipynb #d19a0003
 import argparse
+import base64
 import html as html_lib
 import os
 import re
@@ -31,10 +32,8 @@ from nbdev.config import get_config
 from nbdev.frontmatter import FrontmatterProc
 from nbdev.process import NBProcessor
 from nbdev.processors import FilterDefaults
-from .provenance import atomic_write
-from .stats import markdown_table
+from .provenance import atomic_write, fixed_threads
 from .export import export_html, export_report
-from .reports import PILOT_REPORTS, REPORTS
 
 # %% ../nbs/19_docs.ipynb #d19a0007
 NOTEBOOK_SIZE_BUDGET = 1_000_000   # bytes of one committed library notebook
@@ -154,7 +153,8 @@ def execute_notebook(path,             # a notebook file
     notebook = NBProcessor(path, procs=FrontmatterProc, process=True).nb
     shell = CaptureShell(path)
     with working_directory(path.parent):
-        shell.run_all(notebook, exc_stop=True, preproc=lambda cell: _skipped(cell, flags))
+        try: shell.run_all(notebook, exc_stop=True, preproc=lambda cell: _skipped(cell, flags))
+        except Exception as error: raise RuntimeError(f"{path.name} failed:\n{shell.prettytb(fname=path)}") from error
     return {cell.id: teaching_outputs(cell.get("outputs", [])) for cell in notebook.cells if not _skipped(cell, flags)}
 
 def committed_outputs(path)->dict:
@@ -185,7 +185,6 @@ def _notebook_job(path, write:bool=False, force:bool=False)->dict:
     "Execute one notebook, then check (or write) its outputs and its size; the result names every problem."
     path, start = Path(path), time.perf_counter()
     result = {"notebook": path.name, "problems": [], "note": ""}
-    torch.set_num_threads(1)
     capability = torch.backends.cpu.get_cpu_capability()
     numbers = capability == REFERENCE_CPU
     if write and not numbers and not force:
@@ -193,8 +192,9 @@ def _notebook_job(path, write:bool=False, force:bool=False)->dict:
                                           "writing would change their floats (force=True writes anyway)"))
         return result | {"seconds": 0.0}
     if not numbers and not write: result["note"] = f"numbers not compared: {capability} CPU, outputs written on {REFERENCE_CPU}"
-    try: outputs = execute_notebook(path)
-    except BaseException as error: result["problems"].append(("execution", f"{type(error).__name__}: {str(error)[-2000:]}")); outputs = None
+    try:
+        with fixed_threads(1): outputs = execute_notebook(path)          # one thread: the numbers of the committed outputs
+    except Exception as error: result["problems"].append(("execution", f"{type(error).__name__}: {str(error)[-3000:]}")); outputs = None
     if outputs is not None:
         if write: write_outputs(path, outputs)
         else: result["problems"] += output_drift(committed_outputs(path), outputs, numbers=numbers)
@@ -324,11 +324,10 @@ def repair_anchors(pages:dict,   # page path within the site (posix) -> its HTML
     return {name: _HREF.sub(lambda m: f'href="{repair(name, m.group(1))}"', text) for name, text in pages.items()}
 
 def site_reports(reports_path="reports")->list:
-    "(name, notebook) of every kept report: the main job's, then the pilot's."
+    "(name, notebook) of every kept report: `<reports>/<name>/<name>.ipynb`, then the pilot's under `<reports>/pilot/`."
     reports_path = Path(reports_path)
-    candidates = [(name, reports_path / name / f"{name}.ipynb") for name in REPORTS]
-    candidates += [(name, reports_path / "pilot" / name / f"{name}.ipynb") for name in PILOT_REPORTS]
-    return [(name, path) for name, path in candidates if path.is_file()]
+    kept = lambda folder: sorted((p.parent.name, p) for p in folder.glob("*/*.ipynb") if p.stem == p.parent.name)
+    return kept(reports_path) + kept(reports_path / "pilot")
 
 def build_site(out="_docs",            # the site's folder (replaced whole when the build succeeds)
                nbs_path=None,          # the notebooks; default the settings' nbs_path
@@ -378,7 +377,6 @@ def readme_markdown(notebook_path,            # the index notebook, executed (it
                     images=README_IMAGES,     # folder for the figures, relative to the README
                    )->tuple:                  # (markdown text, {relative image path: PNG bytes})
     "The README generated from the index notebook: its markdown, visible code and outputs as GitHub markdown, and the figures to write."
-    import base64
     notebook = read_nb(notebook_path)
     parts = [f"<!-- Generated from {Path(notebook_path).as_posix()} by `make docs`: edit the notebook, not this file. -->"]
     figures = {}
