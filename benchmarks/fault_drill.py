@@ -91,11 +91,11 @@ def training_checkpoints(results:Path)->list:
 
 
 def dask_workers(client_pid:int)->list:
-    "The Dask worker processes under a client: processes that a nanny (the client's child) started with multiprocessing's spawn."
+    "The Dask worker processes of a client's LocalCluster: its nannies live in the client and start each worker with multiprocessing's spawn."
     def spawned(process):
         try: return "spawn_main" in " ".join(process.cmdline())
         except psutil.Error: return False
-    return [p for p in psutil.Process(client_pid).children(recursive=True) if p.ppid() != client_pid and spawned(p)]
+    return [p for p in psutil.Process(client_pid).children(recursive=True) if spawned(p)]
 
 
 def run_phase(command:list, log:Path, environment:dict)->tuple:
