@@ -30,10 +30,10 @@ from fastcore.xtras import working_directory
 from nbdev.clean import clean_nb
 from nbdev.config import get_config
 from nbdev.frontmatter import FrontmatterProc
-from nbdev.process import NBProcessor
+from nbdev.process import NBProcessor, extract_directives
 from nbdev.processors import FilterDefaults
 from .provenance import atomic_write, fixed_threads
-from .export import export_html, export_report
+from .export import export_html, export_report, javascript_root
 
 # %% ../nbs/19_docs.ipynb #d19a0007
 NOTEBOOK_SIZE_BUDGET = 1_000_000   # bytes of one committed library notebook
@@ -109,9 +109,9 @@ def texts_agree(expected:str,          # the committed text
     return None
 
 # %% ../nbs/19_docs.ipynb #d19a0013
-def _volatile(source:str)->bool:
-    "Whether a cell is marked `#| volatile` (its outputs hold wall-clock times or the code's identity)."
-    return re.search(r"^#\|\s*volatile\b", source, re.MULTILINE) is not None
+def _directives(cell)->dict:
+    "A cell's leading `#|` directives as nbdev reads them (name -> arguments; Quarto options keep their colon: 'echo:')."
+    return extract_directives(cell, remove=False)
 
 def output_drift(committed:dict,        # code cell id -> (outputs, volatile) of the committed notebook
                  executed:dict,         # code cell id -> outputs of a rerun (cells that ran)
@@ -159,7 +159,7 @@ def execute_notebook(path,             # a notebook file
 
 def committed_outputs(path)->dict:
     "Code cell id -> (outputs, volatile) of a notebook file as committed."
-    return {cell.id: ([dict(o) for o in cell.get("outputs", [])], _volatile(cell.source))
+    return {cell.id: ([dict(o) for o in cell.get("outputs", [])], "volatile" in _directives(cell))   # volatile: wall-clock times, code identities
             for cell in read_nb(path).cells if cell.cell_type == "code"}
 
 def write_outputs(path,           # a notebook file
@@ -226,11 +226,10 @@ nav.so8lab-sidebar h2 {font-size: 0.8rem; text-transform: uppercase; color: #666
 MATHJAX_CONFIG = ("<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\\\(', '\\\\)']], processEscapes: true}, "
                   "svg: {fontCache: 'global'}, loader: {load: []}};</script>")
 
-def mathjax_source(root=None,   # node_modules folder; default $SO8LAB_JS, else <sys.prefix>/js/node_modules (as `javascript_assets`)
+def mathjax_source(root=None,   # node_modules folder; default as `javascript_root`
                   )->Path:      # MathJax 3's self-contained TeX-to-SVG bundle
     "The local MathJax bundle that draws the site's maths; a clear error says how to install it."
-    root = Path(root or os.environ.get("SO8LAB_JS") or Path(sys.prefix) / "js" / "node_modules")
-    source = root / "mathjax" / "es5" / "tex-svg.js"
+    source = javascript_root(root) / "mathjax" / "es5" / "tex-svg.js"
     if not source.is_file(): raise FileNotFoundError(f"missing {source} for the site's maths: `make install` installs it "
                                                      f"(npm install --prefix {Path(sys.prefix) / 'js'} mathjax@3)")
     return source
@@ -256,7 +255,7 @@ def docs_page(notebook,   # a notebook processed by nbdev's doc processors (`Fil
              "source": f"# {front['title']}" + (f"\n\n> {front['description']}" if front.get("description") else "")}] if front.get("title") else []
     for cell in notebook.cells[1 if front else 0:]:
         if cell.cell_type == "markdown": page.append({"cell_type": "markdown", "id": cell.id, "metadata": {}, "source": _local_links(cell.source)})
-        elif cell.cell_type == "code" and re.search(r"^#\|\s*echo:\s*false", cell.source, re.MULTILINE):   # show_doc: its markdown is the text
+        elif cell.cell_type == "code" and _directives(cell).get("echo:") == ["false"]:   # show_doc: its markdown is the text
             for number, output in enumerate(cell.get("outputs", [])):
                 markdown = output.get("data", {}).get("text/markdown")
                 if markdown: page.append({"cell_type": "markdown", "id": f"{cell.id}-{number}", "metadata": {},
@@ -287,15 +286,15 @@ def _navigation(entries:list, current:str, prefix:str="")->str:
         parts.append(f'<a href="{prefix}{href}"{mark}>{html_lib.escape(title)}</a>')
     return "\n".join(parts + ["</nav>"])
 
-def _add_navigation(html_path:Path, entries:list, current:str, prefix:str="", maths:bool=True):
-    "Put the site's style, sidebar and (with `maths`) the local MathJax into one exported page."
+def _with_navigation(html:str, entries:list, current:str, maths:bool=True)->str:
+    "One exported page with the site's style, sidebar and (with `maths`) the local MathJax; links climb out of `current`'s folder."
+    prefix = "../" * current.count("/")
     head = SITE_STYLE + (f'\n{MATHJAX_CONFIG}\n<script src="{prefix}_static/tex-svg.js"></script>' if maths else "")
-    text = html_path.read_text(encoding="utf-8").replace("</head>", head + "\n</head>", 1)
     def body(match):
         attributes = match.group(1)
         attributes = attributes.replace('class="', 'class="so8lab-docs ', 1) if 'class="' in attributes else attributes + ' class="so8lab-docs"'
         return f"<body{attributes}>\n{_navigation(entries, current, prefix)}"
-    atomic_write(html_path, re.sub(r"<body([^>]*)>", body, text, count=1))
+    return re.sub(r"<body([^>]*)>", body, html.replace("</head>", head + "\n</head>", 1), count=1)
 
 def _markdown_notebook(markdown:str, target:Path)->Path:
     "A one-cell notebook holding `markdown`, written to `target`."
@@ -349,16 +348,17 @@ def build_site(out="_docs",            # the site's folder (replaced whole when 
         if summary.is_file(): entries.append(("Reports", "reports/summary.html", "Summary of verdicts"))
         reports = site_reports(reports_path)
         entries += [("Reports", f"reports/{name}.html", name) for name, _ in reports]
+        exported = {}                                               # site path -> (its file, whether it gets MathJax)
         for page, _ in processed:
-            _add_navigation(export_html(page, building / (Path(page).stem + ".html")), entries, Path(page).stem + ".html")
+            name = Path(page).stem + ".html"
+            exported[name] = (export_html(page, building / name), True)
         if summary.is_file():
             notebook = _markdown_notebook(summary.read_text(encoding="utf-8"), pages / "summary.ipynb")
-            _add_navigation(export_html(notebook, building / "reports" / "summary.html"), entries, "reports/summary.html", "../")
+            exported["reports/summary.html"] = (export_html(notebook, building / "reports" / "summary.html"), True)
         for name, path in reports:
-            _add_navigation(export_report(path, building / "reports" / f"{name}.html"), entries, f"reports/{name}.html", "../", maths=False)
-        written = {p.relative_to(building).as_posix(): p for p in building.rglob("*.html")}
-        repaired = repair_anchors({name: path.read_text(encoding="utf-8") for name, path in written.items()})
-        for name, text in repaired.items(): atomic_write(written[name], text)
+            exported[f"reports/{name}.html"] = (export_report(path, building / "reports" / f"{name}.html"), False)
+        html = {name: _with_navigation(file.read_text(encoding="utf-8"), entries, name, maths) for name, (file, maths) in exported.items()}
+        for name, text in repair_anchors(html).items(): atomic_write(exported[name][0], text)   # each page rewritten once
         shutil.copyfile(mathjax_source(), building / "_static" / "tex-svg.js")
         root = Path(get_config().config_path)
         for folder in assets:
@@ -382,7 +382,7 @@ def readme_markdown(notebook_path,            # the index notebook, executed (it
     figures = {}
     for cell in notebook.cells:
         if cell.cell_type == "markdown": parts.append(cell.source.strip("\n")); continue
-        if cell.cell_type != "code" or re.search(r"^#\|\s*hide\b", cell.source, re.MULTILINE): continue
+        if cell.cell_type != "code" or "hide" in _directives(cell): continue
         source = _DIRECTIVE.sub("", cell.source).strip("\n")
         if source: parts.append(f"```python\n{source}\n```")
         for number, output in enumerate(cell.get("outputs", [])):
