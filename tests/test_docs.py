@@ -59,7 +59,7 @@ def test_site_has_a_page_per_notebook_and_report(site):
     assert "index.html" in pages and "primitives.html" in pages and "docs.html" in pages
     assert {f"reports/{name}.html" for name, _ in site_reports(ROOT / "reports")} | {"reports/summary.html"} <= pages
     sidebar = parse(site / "index.html").links
-    assert {p for p in pages} <= set(sidebar) | {"index.html"}, "a page is missing from the sidebar"
+    assert pages <= set(sidebar) | {"index.html"}, "a page is missing from the sidebar"
     primitives = (site / "primitives.html").read_text(encoding="utf-8")
     text = re.sub(r"<[^>]+>", "", primitives)
     assert 'id="apply_primitive"' in primitives and "def apply_primitive(" in text    # show_doc's API reference
